@@ -1,0 +1,128 @@
+"""What a model backend implements: four verbs for generation, or one function for one-shot batches.
+
+Generation (continuous batching)
+--------------------------------
+A :class:`GenerationBackend` keeps its own per-sequence state (the KV cache) and is driven by the
+engine one *iteration* at a time. Which thread calls what, and when:
+
+``start()``
+    once, on the engine's dedicated device thread, before anything else (load weights, warm up).
+``prepare(requests)``
+    on the batcher's host thread (not the device thread, never the event loop), for a batch of
+    newly admitted requests at once: tokenize, apply the chat template, check the context limit.
+    Returns one :class:`PreparedPrompt` or one :class:`~batcher.InvalidRequest` per request, in order.
+    It runs while the device computes, so tokenization never delays a decode step.
+``step(admit, drop)``
+    on the device thread, once per iteration: free the state of the ``drop`` sequences (cancelled
+    or expired; ids the backend does not know are ignored), prefill the ``admit`` sequences and
+    merge them into the running batch, then decode one token for every running sequence. Returns
+    a :class:`StepResult` with a :class:`SeqOutput` for every sequence that produced something. A
+    sequence the backend finishes (EOS, stop string, ``max_tokens``) is freed by the backend itself
+    and reported once with its ``finish_reason``. A sequence the backend can blame for an error goes
+    in ``failed`` (and is freed); an exception raised from ``step`` fails every sequence of that step,
+    and the engine drops them all at the next call.
+``close()``
+    once, on the device thread, after the last step: free everything.
+
+One-shot batches
+----------------
+A :data:`BatchFunction` is any callable ``list[In] -> list[Out]`` (embeddings, classifiers): the job
+of Ray Serve's ``@serve.batch``. It runs on the device thread with up to ``max_batch_size`` items.
+An output item that is an ``Exception`` instance fails only that item's caller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from ._errors import InvalidRequest
+from ._types import FinishReason, Prompt, SamplingParams
+
+__all__ = [
+    "BatchFunction",
+    "GenerationBackend",
+    "NewSequence",
+    "PrepareRequest",
+    "PreparedPrompt",
+    "SeqOutput",
+    "StepResult",
+]
+
+#: A one-shot batch function: called on the device thread with a list of items, returns a list of
+#: the same length (an ``Exception`` instance in the output fails just that item).
+BatchFunction = Callable[[list[Any]], Sequence[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class PrepareRequest:
+    """One admitted request handed to :meth:`GenerationBackend.prepare`."""
+
+    prompt: Prompt
+    params: SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedPrompt:
+    """A tokenized prompt. ``token_ids`` are what the model will prefill."""
+
+    token_ids: Sequence[int]
+
+
+@dataclass(frozen=True, slots=True)
+class NewSequence:
+    """A sequence to admit in :meth:`GenerationBackend.step`. ``seq_id`` is unique per batcher."""
+
+    seq_id: int
+    prompt_ids: Sequence[int]
+    params: SamplingParams
+
+
+@dataclass(slots=True)
+class SeqOutput:
+    """What one sequence produced in one step: new token ids, the new text they complete, and the
+    finish reason if this is its last output. ``text`` may be empty while the backend holds back an
+    incomplete UTF-8 character or a possible stop-string prefix."""
+
+    seq_id: int
+    token_ids: Sequence[int]
+    text: str
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(slots=True)
+class StepResult:
+    """The result of one :meth:`GenerationBackend.step`.
+
+    ``computed_tokens`` counts the token positions the model computed (padding included) and
+    ``padding_tokens`` how many of them were padding: the padding-waste metric. Backends that do
+    not pad leave both 0.
+    """
+
+    outputs: list[SeqOutput]
+    failed: dict[int, BaseException] = field(default_factory=dict)
+    computed_tokens: int = 0
+    padding_tokens: int = 0
+
+
+@runtime_checkable
+class GenerationBackend(Protocol):
+    """A model that generates token by token for a changing batch of sequences (see module doc)."""
+
+    #: The model's name: the ``model`` label of every metric, and the name the server reports.
+    model_name: str
+
+    def start(self) -> None:
+        """Device thread, once: load and warm up."""
+
+    def prepare(self, requests: Sequence[PrepareRequest]) -> list[PreparedPrompt | InvalidRequest]:
+        """Host thread: tokenize and validate a batch of requests."""
+        ...
+
+    def step(self, admit: Sequence[NewSequence], drop: Sequence[int]) -> StepResult:
+        """Device thread: drop, admit (prefill), then decode one token for every running sequence."""
+        ...
+
+    def close(self) -> None:
+        """Device thread, once, after the last step: free all state."""

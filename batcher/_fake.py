@@ -1,0 +1,176 @@
+"""A deterministic fake generation backend that ships: for users' tests, ours, and benchmarks.
+
+Its step takes ``step_time_s + step_time_per_seq_s * batch_size`` seconds (slept on the device
+thread, as a real model's step would block it), so batching behaves as it does on a real model. It
+tokenizes by whitespace and generates tokens that are a pure function of the prompt, the position
+and the seed (:func:`FakeBackend.expected_tokens`), so a test can check that every token reached
+the right request. Failures can be injected on demand.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ._backend import NewSequence, PreparedPrompt, PrepareRequest, SeqOutput, StepResult
+from ._errors import InvalidRequest, PromptTooLong
+from ._text import StopMatcher
+from ._types import Prompt, SamplingParams
+
+__all__ = ["FakeBackend"]
+
+
+@dataclass(slots=True)
+class _Seq:
+    prompt_ids: Sequence[int]
+    params: SamplingParams
+    produced: int
+    stop: StopMatcher
+    eos_at: int | None
+
+
+class FakeBackend:
+    """A fake :class:`~batcher.GenerationBackend`.
+
+    Markers in a prompt inject behaviour: the word ``REJECT`` makes ``prepare`` refuse it, ``FAIL``
+    makes the backend blame that sequence when it is admitted, and ``eos:N`` ends it with
+    ``finish_reason="stop"`` after N tokens. :meth:`fail_next_steps` makes whole steps raise.
+    """
+
+    def __init__(
+        self,
+        *,
+        model_name: str = "fake",
+        step_time_s: float = 0.0,
+        step_time_per_seq_s: float = 0.0,
+        max_context: int = 4096,
+        max_batch_tokens: int | None = None,
+        vocab_size: int = 50_000,
+    ) -> None:
+        self.model_name = model_name
+        self.step_time_s = step_time_s
+        self.step_time_per_seq_s = step_time_per_seq_s
+        self.max_context = max_context
+        self.max_batch_tokens = max_batch_tokens
+        self.vocab_size = vocab_size
+        self._seqs: dict[int, _Seq] = {}
+        self._lock = threading.Lock()
+        self._failing_steps = 0
+        #: Thread idents each verb ran on (tests check none is the event loop's).
+        self.threads: dict[str, set[int]] = {"start": set(), "prepare": set(), "step": set(), "close": set()}
+        #: Batch size of every step, in order (for tests and benchmarks).
+        self.batch_sizes: list[int] = []
+        self.started = False
+        self.closed = False
+        self._fail_id = self.word_id("FAIL")
+        self._reject_id = self.word_id("REJECT")
+        self._eos_marks = {self.word_id(f"eos:{n}"): n for n in range(1, 257)}
+
+    # -- the four verbs ---------------------------------------------------------------------
+    def start(self) -> None:
+        self.threads["start"].add(threading.get_ident())
+        self.started = True
+
+    def prepare(self, requests: Sequence[PrepareRequest]) -> list[PreparedPrompt | InvalidRequest]:
+        self.threads["prepare"].add(threading.get_ident())
+        return [self._prepare_one(r.prompt, r.params) for r in requests]
+
+    def step(self, admit: Sequence[NewSequence], drop: Sequence[int]) -> StepResult:
+        self.threads["step"].add(threading.get_ident())
+        with self._lock:
+            if self._failing_steps:
+                self._failing_steps -= 1
+                raise RuntimeError("injected step failure (FakeBackend.fail_next_steps)")
+        for seq_id in drop:
+            self._seqs.pop(seq_id, None)
+        failed: dict[int, BaseException] = {}
+        for new in admit:
+            if self._fail_id in new.prompt_ids:
+                failed[new.seq_id] = ValueError(f"injected failure for sequence {new.seq_id} (FAIL marker)")
+                continue
+            self._seqs[new.seq_id] = _Seq(
+                new.prompt_ids, new.params, 0, StopMatcher(new.params.stop), self._eos_at(new.prompt_ids)
+            )
+        batch = len(self._seqs)
+        self.batch_sizes.append(batch)
+        delay = self.step_time_s + self.step_time_per_seq_s * batch
+        if delay > 0:
+            time.sleep(delay)
+        outputs = [self._decode(seq_id, s) for seq_id, s in self._seqs.items()]
+        for out in outputs:
+            if out.finish_reason is not None:
+                del self._seqs[out.seq_id]
+        return StepResult(outputs, failed, computed_tokens=batch, padding_tokens=0)
+
+    def close(self) -> None:
+        self.threads["close"].add(threading.get_ident())
+        self._seqs.clear()
+        self.closed = True
+
+    # -- test helpers -----------------------------------------------------------------------
+    @property
+    def live_sequences(self) -> int:
+        """Sequences whose state the backend still holds (0 after every request ended)."""
+        return len(self._seqs)
+
+    def fail_next_steps(self, n: int = 1) -> None:
+        """Make the next ``n`` calls of :meth:`step` raise (thread-safe)."""
+        with self._lock:
+            self._failing_steps += n
+
+    def word_id(self, word: str) -> int:
+        return zlib.crc32(word.encode()) % self.vocab_size
+
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        """The fake tokenizer: one token per whitespace-separated word (chat: ``role: content``)."""
+        text = prompt if isinstance(prompt, str) else "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+        return [self.word_id(w) for w in text.split()] or [0]
+
+    def expected_tokens(self, prompt: Prompt, params: SamplingParams) -> list[int]:
+        """The token ids this backend generates for ``prompt`` (before stop strings apply)."""
+        ids = self.tokenize(prompt)
+        eos = self._eos_at(ids)
+        n = params.max_tokens if eos is None else min(eos, params.max_tokens)
+        return [self._token(ids, params, k) for k in range(n)]
+
+    @staticmethod
+    def token_text(token_id: int) -> str:
+        return f" t{token_id}"
+
+    # -- internals --------------------------------------------------------------------------
+    def _prepare_one(self, prompt: Prompt, params: SamplingParams) -> PreparedPrompt | InvalidRequest:
+        ids = self.tokenize(prompt)
+        if self._reject_id in ids:
+            return InvalidRequest("prompt contains the REJECT marker (FakeBackend)", field="prompt")
+        total = len(ids) + params.max_tokens
+        if total > self.max_context:
+            return PromptTooLong(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
+                f"the context window of {self.max_context} tokens: shorten the prompt or lower max_tokens",
+                limit=self.max_context,
+                requested=total,
+            )
+        return PreparedPrompt(ids)
+
+    def _eos_at(self, ids: Sequence[int]) -> int | None:
+        return next((self._eos_marks[i] for i in ids if i in self._eos_marks), None)
+
+    def _token(self, prompt_ids: Sequence[int], params: SamplingParams, k: int) -> int:
+        base = zlib.crc32(bytes(str(tuple(prompt_ids[:64])), "ascii"))
+        salt = 0 if params.greedy or params.seed is None else params.seed * 2654435761
+        return (base + salt + 7919 * (k + 1)) % self.vocab_size
+
+    def _decode(self, seq_id: int, s: _Seq) -> SeqOutput:
+        tok = self._token(s.prompt_ids, s.params, s.produced)
+        s.produced += 1
+        text, stopped = s.stop.feed(self.token_text(tok))
+        if stopped:
+            return SeqOutput(seq_id, (tok,), text, "stop")
+        if s.eos_at is not None and s.produced >= s.eos_at:
+            return SeqOutput(seq_id, (tok,), text + s.stop.flush(), "stop")
+        if s.produced >= s.params.max_tokens:
+            return SeqOutput(seq_id, (tok,), text + s.stop.flush(), "length")
+        return SeqOutput(seq_id, (tok,), text)

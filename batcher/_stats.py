@@ -1,0 +1,122 @@
+"""Plain, cheap statistics kept by the engines on the event loop thread.
+
+The hot paths (one observation per token) update Python ints and bucket lists; nothing is
+exported until somebody asks: :mod:`batcher._metrics` turns these into Prometheus families at
+scrape time, and :meth:`Batcher.stats` into a snapshot.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ._types import OUTCOMES, Outcome
+
+__all__ = ["BatcherStats", "EngineStats", "Histogram"]
+
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75,
+    1.0, 1.5, 2.5, 5.0, 7.5, 10.0, 20.0, 30.0, 60.0, 120.0,
+)
+SIZE_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512)
+TOKEN_BUCKETS = (1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+
+
+class Histogram:
+    """Fixed-bucket histogram: ``counts[i]`` holds observations ``<= bounds[i]``, the last ``+Inf``."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def quantile(self, q: float) -> float:
+        """Estimate a quantile the way PromQL's ``histogram_quantile`` does (linear in a bucket)."""
+        total = self.count
+        if total == 0:
+            return float("nan")
+        rank, seen = q * total, 0
+        for i, c in enumerate(self.counts):
+            if seen + c >= rank and c:
+                if i == len(self.bounds):
+                    return self.bounds[-1]
+                lo = self.bounds[i - 1] if i else 0.0
+                return lo + (self.bounds[i] - lo) * (rank - seen) / c
+            seen += c
+        return self.bounds[-1]
+
+
+@dataclass
+class EngineStats:
+    """Counters and histograms of one engine. Written only on the event loop thread."""
+
+    batch_size: Histogram = field(default_factory=lambda: Histogram(SIZE_BUCKETS))
+    batch_tokens: Histogram = field(default_factory=lambda: Histogram(TOKEN_BUCKETS))
+    queue_wait: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
+    ttft: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
+    itl: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
+    duration: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
+    step_duration: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
+    outcomes: dict[Outcome, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
+    generated_tokens: int = 0
+    prompt_tokens: int = 0
+    computed_tokens: int = 0
+    padding_tokens: int = 0
+    busy_seconds: float = 0.0
+    steps: int = 0
+
+
+class DrainRate:
+    """Requests leaving the queue per second over a sliding window: the base of ``retry_after``."""
+
+    __slots__ = ("_events", "_window", "_total")
+
+    def __init__(self, window_s: float = 10.0) -> None:
+        self._events: deque[tuple[float, int]] = deque()
+        self._window = window_s
+        self._total = 0
+
+    def record(self, now: float, n: int) -> None:
+        if n:
+            self._events.append((now, n))
+            self._total += n
+        self._trim(now)
+
+    def per_second(self, now: float) -> float:
+        self._trim(now)
+        if not self._events:
+            return 0.0
+        span = max(now - self._events[0][0], 0.05)
+        return self._total / span
+
+    def _trim(self, now: float) -> None:
+        while self._events and now - self._events[0][0] > self._window:
+            self._total -= self._events.popleft()[1]
+
+
+@dataclass(frozen=True)
+class BatcherStats:
+    """A snapshot of a batcher, summed over its engines (see :meth:`Batcher.stats`)."""
+
+    queue_depth: int
+    running: int
+    outcomes: dict[Outcome, int]
+    generated_tokens: int
+    prompt_tokens: int
+    steps: int
+    busy_seconds: float
+    mean_batch_size: float
+    ttft_p50: float
+    ttft_p99: float

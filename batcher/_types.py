@@ -1,0 +1,184 @@
+"""Value types shared by the public API and the backends: parameters, prompts, chunks, results."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, TypedDict, Union
+
+from ._errors import InvalidRequest
+
+__all__ = [
+    "ChatMessage",
+    "Chunk",
+    "Completion",
+    "FinishReason",
+    "GenerationOptions",
+    "Outcome",
+    "Prompt",
+    "SamplingParams",
+    "Usage",
+]
+
+#: Why a stream ended normally: ``"stop"`` (EOS or a stop string) or ``"length"`` (max_tokens).
+FinishReason = Literal["stop", "length"]
+
+#: How a request ended, exactly one per admitted or refused request (the ``outcome`` metric label).
+Outcome = Literal[
+    "finished", "cancelled", "deadline", "overloaded", "failed", "rejected", "shutdown"
+]
+OUTCOMES: tuple[Outcome, ...] = (
+    "finished", "cancelled", "deadline", "overloaded", "failed", "rejected", "shutdown"
+)
+
+#: A chat message as the OpenAI API and chat templates spell it: ``{"role": ..., "content": ...}``.
+ChatMessage = Mapping[str, str]
+#: A completion prompt (text) or a chat (messages, formatted by the backend's chat template).
+Prompt = Union[str, Sequence[ChatMessage]]
+
+_ABSURD_MAX_TOKENS = 1 << 20
+
+
+class GenerationOptions(TypedDict, total=False):
+    """Keyword options of :meth:`Batcher.stream` and :meth:`Batcher.generate`.
+
+    Sampling: ``max_tokens``, ``temperature`` (0 = greedy, the default), ``top_p``, ``top_k``
+    (0 = off), ``seed``, ``stop``. Scheduling: ``deadline_s`` (seconds from now; the request fails
+    with :class:`DeadlineExceeded` past it) and ``priority`` (higher runs first; waiting raises it).
+    """
+
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    stop: str | Sequence[str] | None
+    deadline_s: float | None
+    priority: int
+
+
+SAMPLING_FIELDS = frozenset({"max_tokens", "temperature", "top_p", "top_k", "seed", "stop"})
+OPTION_FIELDS = SAMPLING_FIELDS | {"deadline_s", "priority"}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SamplingParams:
+    """How one sequence is generated. Validated on construction; the backend honours every field.
+
+    ``temperature == 0`` means greedy decoding, whatever ``top_p``/``top_k``/``seed`` say. With a
+    ``seed``, sampling draws from a generator of that request's own, so its tokens do not depend on
+    which other requests share the batch.
+    """
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_int("max_tokens", self.max_tokens, low=1, high=_ABSURD_MAX_TOKENS)
+        _check_float("temperature", self.temperature, low=0.0, high=100.0)
+        _check_float("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
+        _check_int("top_k", self.top_k, low=0, high=_ABSURD_MAX_TOKENS)
+        if self.seed is not None:
+            _check_int("seed", self.seed, low=0, high=(1 << 63) - 1)
+        if not isinstance(self.stop, tuple) or not all(
+            isinstance(s, str) and s for s in self.stop
+        ):
+            raise InvalidRequest(
+                f"stop must be non-empty strings, got {self.stop!r}", field="stop"
+            )
+        if len(self.stop) > 16:
+            raise InvalidRequest(
+                f"stop has {len(self.stop)} strings; at most 16 are allowed", field="stop"
+            )
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def _check_int(name: str, value: object, *, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest(
+            f"{name} must be an integer, got {type(value).__name__} {value!r}", field=name
+        )
+    if not low <= value <= high:
+        raise InvalidRequest(f"{name} must be in [{low}, {high}], got {value}", field=name)
+
+
+def _check_float(
+    name: str, value: object, *, low: float, high: float, low_open: bool = False
+) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidRequest(
+            f"{name} must be a number, got {type(value).__name__} {value!r}", field=name
+        )
+    bad_low = value <= low if low_open else value < low
+    if not math.isfinite(value) or bad_low or value > high:
+        bracket = "(" if low_open else "["
+        raise InvalidRequest(f"{name} must be in {bracket}{low}, {high}], got {value}", field=name)
+
+
+def check_prompt(prompt: object) -> Prompt:
+    """Validate the shape of a prompt (text or chat messages); return it unchanged."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise InvalidRequest("prompt is empty: send at least one character", field="prompt")
+        return prompt
+    if isinstance(prompt, Sequence) and not isinstance(prompt, (bytes, bytearray)):
+        if not prompt:
+            raise InvalidRequest("messages is empty: send at least one message", field="messages")
+        for i, m in enumerate(prompt):
+            if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(
+                m.get("content"), str
+            ):
+                raise InvalidRequest(
+                    f"messages[{i}] must be a mapping with string 'role' and 'content', got {m!r}",
+                    field="messages",
+                )
+        return prompt
+    raise InvalidRequest(
+        f"prompt must be a string or a list of chat messages, got {type(prompt).__name__}",
+        field="prompt",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts of one request, as the OpenAI API reports them."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One delivery to a stream: new text and token ids since the last chunk.
+
+    When the consumer lags, deltas that piled up are merged into one chunk (the mailbox stays
+    bounded). The last chunk of a stream has ``finish_reason`` and ``usage`` set; its text may be
+    empty.
+    """
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """The whole result of :meth:`Batcher.generate`."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason
+    usage: Usage
