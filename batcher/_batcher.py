@@ -82,6 +82,7 @@ class Batcher:
         self._prep_wakeup: asyncio.Future[None] | None = None
         self._prep_task: asyncio.Task[None] | None = None
         self._state: State = "new"
+        self._params_cache: dict[tuple[Any, ...], SamplingParams] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -210,14 +211,7 @@ class Batcher:
             opts = dict(options)
             deadline_s = opts.pop("deadline_s", None)
             priority = opts.pop("priority", 0)
-            stop = opts.pop("stop", None)
-            opts["stop"] = (stop,) if isinstance(stop, str) else tuple(stop or ())
-            opts.setdefault("max_tokens", self.config.default_max_tokens)
-            if isinstance(opts["max_tokens"], int) and opts["max_tokens"] > self.config.max_tokens_limit:
-                raise InvalidRequest(f"max_tokens must be <= {self.config.max_tokens_limit} (the "
-                                     f"batcher's max_tokens_limit), got {opts['max_tokens']}",
-                                     field="max_tokens")
-            params = SamplingParams(**opts)
+            params = self._sampling_params(opts)
             if deadline_s is not None and (isinstance(deadline_s, bool) or not isinstance(
                     deadline_s, (int, float)) or not 0 < deadline_s < math.inf):
                 raise InvalidRequest(f"deadline_s must be a positive number of seconds, got "
@@ -230,6 +224,27 @@ class Batcher:
             if self._engines:
                 self._least_loaded().count("rejected")
             raise
+
+    def _sampling_params(self, opts: dict[str, Any]) -> SamplingParams:
+        """Validated SamplingParams; the few distinct sets a service sees are cached."""
+        stop = opts.get("stop")
+        opts["stop"] = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        opts.setdefault("max_tokens", self.config.default_max_tokens)
+        try:
+            key = tuple(sorted((k, type(v), v) for k, v in opts.items()))
+            cached = self._params_cache.get(key)
+        except TypeError:  # an unhashable value: validation below names it
+            key, cached = None, None
+        if cached is not None:
+            return cached
+        if isinstance(opts["max_tokens"], int) and opts["max_tokens"] > self.config.max_tokens_limit:
+            raise InvalidRequest(f"max_tokens must be <= {self.config.max_tokens_limit} (the "
+                                 f"batcher's max_tokens_limit), got {opts['max_tokens']}",
+                                 field="max_tokens")
+        params = SamplingParams(**opts)
+        if key is not None and len(self._params_cache) < 1024:
+            self._params_cache[key] = params
+        return params
 
     def _require_generative(self) -> None:
         if not self._generative:
@@ -250,9 +265,10 @@ class Batcher:
         return req
 
     def _check_admission(self) -> _Engine:
-        if self._state != "running":
-            raise BatcherClosed(self._closed_message())
         engine = self._least_loaded()
+        if self._state != "running":
+            engine.count("shutdown")
+            raise BatcherClosed(self._closed_message())
         if sum(e.queue_depth for e in self._engines) >= self.config.max_queue:
             engine.count("overloaded")
             retry = self.retry_after()

@@ -25,7 +25,7 @@ __all__ = ["FakeBackend"]
 
 @dataclass(slots=True)
 class _Seq:
-    prompt_ids: Sequence[int]
+    base: int
     params: SamplingParams
     produced: int
     stop: StopMatcher
@@ -92,8 +92,8 @@ class FakeBackend:
                 failed[new.seq_id] = ValueError(f"injected failure for sequence {new.seq_id} (FAIL marker)")
                 continue
             self._seqs[new.seq_id] = _Seq(
-                new.prompt_ids, new.params, 0, StopMatcher(new.params.stop), self._eos_at(new.prompt_ids)
-            )
+                self._base(new.prompt_ids, new.params), new.params, 0,
+                StopMatcher(new.params.stop), self._eos_at(new.prompt_ids))
         batch = len(self._seqs)
         self.batch_sizes.append(batch)
         delay = self.step_time_s + self.step_time_per_seq_s * batch
@@ -134,7 +134,8 @@ class FakeBackend:
         ids = self.tokenize(prompt)
         eos = self._eos_at(ids)
         n = params.max_tokens if eos is None else min(eos, params.max_tokens)
-        return [self._token(ids, params, k) for k in range(n)]
+        base = self._base(ids, params)
+        return [(base + 7919 * (k + 1)) % self.vocab_size for k in range(n)]
 
     @staticmethod
     def token_text(token_id: int) -> str:
@@ -158,14 +159,16 @@ class FakeBackend:
     def _eos_at(self, ids: Sequence[int]) -> int | None:
         return next((self._eos_marks[i] for i in ids if i in self._eos_marks), None)
 
-    def _token(self, prompt_ids: Sequence[int], params: SamplingParams, k: int) -> int:
+    @staticmethod
+    def _base(prompt_ids: Sequence[int], params: SamplingParams) -> int:
+        """Token k of a sequence is ``(base + 7919 * (k + 1)) % vocab_size``."""
         base = zlib.crc32(bytes(str(tuple(prompt_ids[:64])), "ascii"))
         salt = 0 if params.greedy or params.seed is None else params.seed * 2654435761
-        return (base + salt + 7919 * (k + 1)) % self.vocab_size
+        return base + salt
 
     def _decode(self, seq_id: int, s: _Seq) -> SeqOutput:
-        tok = self._token(s.prompt_ids, s.params, s.produced)
         s.produced += 1
+        tok = (s.base + 7919 * s.produced) % self.vocab_size
         text, stopped = s.stop.feed(self.token_text(tok))
         if stopped:
             return SeqOutput(seq_id, (tok,), text, "stop")

@@ -13,7 +13,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from types import TracebackType
 
 from ._request import GenRequest
-from ._types import Chunk
+from ._types import Chunk, Outcome
 
 __all__ = ["TokenStream"]
 
@@ -55,6 +55,12 @@ class TokenStream(AsyncIterator[Chunk]):
             await self._agen.aclose()
         if self._req is not None:
             self._req.cancel()
+
+    @property
+    def outcome(self) -> Outcome | None:
+        """How the request ended (``"finished"``, ``"cancelled"``...), or None while it runs or
+        if it was never admitted."""
+        return None if self._req is None else self._req.outcome
 
     @property
     def prompt_tokens(self) -> int:
