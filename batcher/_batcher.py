@@ -57,23 +57,31 @@ class Batcher:
             raise InvalidRequest("Batcher needs at least one backend", field="backend")
         generative = [hasattr(b, "step") for b in backends]
         if any(generative) and not all(generative):
-            raise InvalidRequest("mix of generation backends and batch functions: use one kind per Batcher",
-                                 field="backend")
+            raise InvalidRequest(
+                "mix of generation backends and batch functions: use one kind per Batcher", field="backend"
+            )
         if not all(generative) and not all(callable(b) for b in backends):
-            raise InvalidRequest("backend must be a GenerationBackend (with start/prepare/step/close) "
-                                 "or a callable list -> list", field="backend")
+            raise InvalidRequest(
+                "backend must be a GenerationBackend (with start/prepare/step/close) "
+                "or a callable list -> list",
+                field="backend",
+            )
         self.config = config or BatchConfig()
         self._generative = all(generative)
         first = backends[0]
-        self.model_name: str = model_name or getattr(first, "model_name", None) or getattr(
-            first, "__name__", type(first).__name__)
+        self.model_name: str = str(
+            model_name
+            or getattr(first, "model_name", None)
+            or getattr(first, "__name__", type(first).__name__)
+        )
         self._registry = registry
         self._drain = DrainRate()
         self._live = 0
         self._idle: asyncio.Future[None] | None = None
         self._engines: list[_Engine] = [
             (GenerationEngine if self._generative else OneShotEngine)(
-                i, b, self.config, self._drain, self._request_ended)
+                i, b, self.config, self._drain, self._request_ended
+            )
             for i, b in enumerate(backends)
         ]
         self._host = WorkerThread("batcher-host")
@@ -106,13 +114,16 @@ class Batcher:
         if self._generative:
             self._host.start()
         try:
-            await asyncio.gather(*(e.worker.submit(e.backend.start) for e in self._engines
-                                   if isinstance(e, GenerationEngine)))
+            await asyncio.gather(
+                *(e.worker.submit(e.backend.start) for e in self._engines if isinstance(e, GenerationEngine))
+            )
         except Exception as exc:
             await self._stop_threads()
             self._state = "closed"
-            raise BatcherError(f"a backend failed to start ({exc!r}): fix the model or device "
-                               "settings and create a new Batcher") from exc
+            raise BatcherError(
+                f"a backend failed to start ({exc!r}): fix the model or device "
+                "settings and create a new Batcher"
+            ) from exc
         for e in self._engines:
             e.launch()
         if self._generative:
@@ -125,8 +136,9 @@ class Batcher:
         await self.start()
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await self.aclose()
 
     async def aclose(self, timeout: float | None = None) -> None:
@@ -147,8 +159,10 @@ class Batcher:
                 await asyncio.wait_for(asyncio.shield(self._idle), timeout)
             except TimeoutError:
                 pass
-        error = BatcherClosed(f"the batcher shut down before this request finished (drain timeout "
-                              f"{timeout:g} s): retry it on another replica")
+        error = BatcherClosed(
+            f"the batcher shut down before this request finished (drain timeout "
+            f"{timeout:g} s): retry it on another replica"
+        )
         for req in self._preparing:
             req.finish("shutdown", error=error)
         for e in self._engines:
@@ -200,25 +214,33 @@ class Batcher:
             req.cancel()
         raise BatcherError("the request ended without a finish reason")  # unreachable by design
 
-    def _parse(self, prompt: object, options: Mapping[str, Any]
-               ) -> tuple[Prompt, SamplingParams, float | None, int]:
+    def _parse(
+        self, prompt: object, options: Mapping[str, Any]
+    ) -> tuple[Prompt, SamplingParams, float | None, int]:
         try:
             self._require_generative()
             unknown = set(options) - OPTION_FIELDS
             if unknown:
-                raise InvalidRequest(f"unknown parameter(s) {sorted(unknown)}: known are "
-                                     f"{sorted(OPTION_FIELDS)}", field=sorted(unknown)[0])
+                raise InvalidRequest(
+                    f"unknown parameter(s) {sorted(unknown)}: known are {sorted(OPTION_FIELDS)}",
+                    field=sorted(unknown)[0],
+                )
             opts = dict(options)
             deadline_s = opts.pop("deadline_s", None)
             priority = opts.pop("priority", 0)
             params = self._sampling_params(opts)
-            if deadline_s is not None and (isinstance(deadline_s, bool) or not isinstance(
-                    deadline_s, (int, float)) or not 0 < deadline_s < math.inf):
-                raise InvalidRequest(f"deadline_s must be a positive number of seconds, got "
-                                     f"{deadline_s!r}", field="deadline_s")
+            if deadline_s is not None and (
+                isinstance(deadline_s, bool)
+                or not isinstance(deadline_s, (int, float))
+                or not 0 < deadline_s < math.inf
+            ):
+                raise InvalidRequest(
+                    f"deadline_s must be a positive number of seconds, got {deadline_s!r}", field="deadline_s"
+                )
             if isinstance(priority, bool) or not isinstance(priority, int) or abs(priority) > 1_000_000:
-                raise InvalidRequest(f"priority must be an integer in [-1000000, 1000000], got "
-                                     f"{priority!r}", field="priority")
+                raise InvalidRequest(
+                    f"priority must be an integer in [-1000000, 1000000], got {priority!r}", field="priority"
+                )
             return check_prompt(prompt), params, deadline_s, priority
         except InvalidRequest:
             if self._engines:
@@ -238,9 +260,11 @@ class Batcher:
         if cached is not None:
             return cached
         if isinstance(opts["max_tokens"], int) and opts["max_tokens"] > self.config.max_tokens_limit:
-            raise InvalidRequest(f"max_tokens must be <= {self.config.max_tokens_limit} (the "
-                                 f"batcher's max_tokens_limit), got {opts['max_tokens']}",
-                                 field="max_tokens")
+            raise InvalidRequest(
+                f"max_tokens must be <= {self.config.max_tokens_limit} (the "
+                f"batcher's max_tokens_limit), got {opts['max_tokens']}",
+                field="max_tokens",
+            )
         params = SamplingParams(**opts)
         if key is not None and len(self._params_cache) < 1024:
             self._params_cache[key] = params
@@ -248,15 +272,26 @@ class Batcher:
 
     def _require_generative(self) -> None:
         if not self._generative:
-            raise InvalidRequest("this batcher serves a one-shot batch function: use infer(), or "
-                                 "pass a GenerationBackend to stream()/generate()", field="backend")
+            raise InvalidRequest(
+                "this batcher serves a one-shot batch function: use infer(), or "
+                "pass a GenerationBackend to stream()/generate()",
+                field="backend",
+            )
 
-    def _admit(self, prompt: Prompt, params: SamplingParams, deadline_s: float | None,
-               priority: int) -> GenRequest:
+    def _admit(
+        self, prompt: Prompt, params: SamplingParams, deadline_s: float | None, priority: int
+    ) -> GenRequest:
         engine = self._check_admission()
         assert isinstance(engine, GenerationEngine) and self._loop is not None
-        req = GenRequest(self._loop, next(self._seq), prompt, params, priority=priority,
-                         deadline_s=deadline_s, engine=engine)
+        req = GenRequest(
+            self._loop,
+            next(self._seq),
+            prompt,
+            params,
+            priority=priority,
+            deadline_s=deadline_s,
+            engine=engine,
+        )
         engine.add_preparing()
         self._live += 1
         self._preparing.append(req)
@@ -272,8 +307,11 @@ class Batcher:
         if sum(e.queue_depth for e in self._engines) >= self.config.max_queue:
             engine.count("overloaded")
             retry = self.retry_after()
-            raise Overloaded(f"queue is full (max_queue={self.config.max_queue}): retry in "
-                             f"{retry:.2g} s, or raise max_queue", retry_after=retry)
+            raise Overloaded(
+                f"queue is full (max_queue={self.config.max_queue}): retry in "
+                f"{retry:.2g} s, or raise max_queue",
+                retry_after=retry,
+            )
         return engine
 
     def _closed_message(self) -> str:
@@ -324,7 +362,8 @@ class Batcher:
     async def _prepare(self, engine: GenerationEngine, reqs: list[GenRequest]) -> None:
         try:
             results = await self._host.submit(
-                engine.backend.prepare, [PrepareRequest(r.prompt, r.params) for r in reqs])
+                engine.backend.prepare, [PrepareRequest(r.prompt, r.params) for r in reqs]
+            )
             if len(results) != len(reqs):
                 raise TypeError(f"prepare() returned {len(results)} results for {len(reqs)} requests")
         except Exception as e:
@@ -338,8 +377,10 @@ class Batcher:
             if isinstance(res, BaseException):
                 r.finish("rejected" if isinstance(res, InvalidRequest) else "failed", error=res)
             elif not res.token_ids:
-                r.finish("rejected", error=InvalidRequest(
-                    "the prompt tokenized to no tokens: send some text", field="prompt"))
+                r.finish(
+                    "rejected",
+                    error=InvalidRequest("the prompt tokenized to no tokens: send some text", field="prompt"),
+                )
             else:
                 r.prepared(tuple(res.token_ids))
                 engine.enqueue(r)
@@ -348,8 +389,11 @@ class Batcher:
     async def infer(self, item: Any) -> Any:
         """Run ``item`` through the one-shot batch function, batched with concurrent calls."""
         if self._generative:
-            raise InvalidRequest("this batcher serves a generation backend: use stream() or "
-                                 "generate(), or pass a batch function for infer()", field="backend")
+            raise InvalidRequest(
+                "this batcher serves a generation backend: use stream() or "
+                "generate(), or pass a batch function for infer()",
+                field="backend",
+            )
         engine = self._check_admission()
         assert isinstance(engine, OneShotEngine) and self._loop is not None
         self._live += 1

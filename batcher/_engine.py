@@ -22,7 +22,7 @@ from typing import Any
 
 from ._backend import BatchFunction, GenerationBackend, NewSequence, StepResult
 from ._config import BatchConfig
-from ._errors import BatcherClosed, PromptTooLong, RequestFailed
+from ._errors import PromptTooLong, RequestFailed
 from ._request import PREPARING, RUNNING, WAITING, GenRequest
 from ._scheduler import plan
 from ._stats import DrainRate, EngineStats
@@ -41,8 +41,7 @@ def _failed(message: str, cause: BaseException) -> RequestFailed:
 class _EngineBase:
     """Lifecycle shared by both engines: the worker thread, the task, wake-ups, statistics."""
 
-    def __init__(self, index: int, config: BatchConfig, drain: DrainRate,
-                 on_end: Callable[[], None]) -> None:
+    def __init__(self, index: int, config: BatchConfig, drain: DrainRate, on_end: Callable[[], None]) -> None:
         self.index = index
         self.name = str(index)
         self.config = config
@@ -110,8 +109,14 @@ class _EngineBase:
 class GenerationEngine(_EngineBase):
     """Continuous batching of one :class:`GenerationBackend` (see module doc)."""
 
-    def __init__(self, index: int, backend: GenerationBackend, config: BatchConfig,
-                 drain: DrainRate, on_end: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        index: int,
+        backend: GenerationBackend,
+        config: BatchConfig,
+        drain: DrainRate,
+        on_end: Callable[[], None],
+    ) -> None:
         super().__init__(index, config, drain, on_end)
         self.backend = backend
         limits = [x for x in (config.max_batch_tokens, getattr(backend, "max_batch_tokens", None)) if x]
@@ -141,11 +146,16 @@ class GenerationEngine(_EngineBase):
         req.state = WAITING
         self._n_waiting += 1
         if self.token_budget is not None and req.cost > self.token_budget:
-            req.finish("rejected", error=PromptTooLong(
-                f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.params.max_tokens}) = "
-                f"{req.cost} exceeds the batch token budget of {self.token_budget}: shorten the "
-                "prompt, lower max_tokens, or raise max_batch_tokens",
-                limit=self.token_budget, requested=req.cost))
+            req.finish(
+                "rejected",
+                error=PromptTooLong(
+                    f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.params.max_tokens}) = "
+                    f"{req.cost} exceeds the batch token budget of {self.token_budget}: shorten the "
+                    "prompt, lower max_tokens, or raise max_batch_tokens",
+                    limit=self.token_budget,
+                    requested=req.cost,
+                ),
+            )
             return
         self._waiting.append(req)
         # Wake an idle engine; during its batch window only a full batch ends the wait early.
@@ -182,8 +192,12 @@ class GenerationEngine(_EngineBase):
                 else:
                     await self._sleep_until_woken()
                 continue
-            if (not self._running and window > 0 and not self._stopping
-                    and self._n_waiting < self.config.max_batch_size):
+            if (
+                not self._running
+                and window > 0
+                and not self._stopping
+                and self._n_waiting < self.config.max_batch_size
+            ):
                 await self._sleep_until_woken(loop.time() + window)
             admit = self._plan(loop.time())
             if admit or self._running or self._drop:
@@ -194,7 +208,10 @@ class GenerationEngine(_EngineBase):
         admit, expired, rest = plan(
             [r for r in self._waiting if not r.done],
             free_slots=self.config.max_batch_size - len(self._running),
-            free_tokens=free_tokens, now=now, aging_s=self.config.priority_aging_s)
+            free_tokens=free_tokens,
+            now=now,
+            aging_s=self.config.priority_aging_s,
+        )
         self._waiting = rest
         for r in expired:
             r.expire()
@@ -286,15 +303,16 @@ class GenerationEngine(_EngineBase):
         await self.worker.submit(self.backend.close)
 
 
-def _timed_step(backend: GenerationBackend, admit: Sequence[NewSequence],
-                drop: Sequence[int]) -> tuple[StepResult, float]:
+def _timed_step(
+    backend: GenerationBackend, admit: Sequence[NewSequence], drop: Sequence[int]
+) -> tuple[StepResult, float]:
     t0 = time.perf_counter()
     result = backend.step(admit, drop)
     return result, time.perf_counter() - t0
 
 
 class _Item:
-    __slots__ = ("value", "future", "arrival")
+    __slots__ = ("arrival", "future", "value")
 
     def __init__(self, value: Any, future: asyncio.Future[Any], arrival: float) -> None:
         self.value = value
@@ -305,8 +323,9 @@ class _Item:
 class OneShotEngine(_EngineBase):
     """Batches calls of a one-shot function (see module doc)."""
 
-    def __init__(self, index: int, fn: BatchFunction, config: BatchConfig,
-                 drain: DrainRate, on_end: Callable[[], None]) -> None:
+    def __init__(
+        self, index: int, fn: BatchFunction, config: BatchConfig, drain: DrainRate, on_end: Callable[[], None]
+    ) -> None:
         super().__init__(index, config, drain, on_end)
         self.fn = fn
         self._queue: deque[_Item] = deque()
@@ -365,8 +384,10 @@ class OneShotEngine(_EngineBase):
         try:
             outputs, busy = await self.worker.submit(_timed_call, self.fn, [it.value for it in batch])
             if len(outputs) != len(batch):
-                raise TypeError(f"the batch function returned {len(outputs)} results for "
-                                f"{len(batch)} inputs: it must return one per input, in order")
+                raise TypeError(
+                    f"the batch function returned {len(outputs)} results for "
+                    f"{len(batch)} inputs: it must return one per input, in order"
+                )
         except Exception as e:
             error = _failed(f"the batch function failed a batch of {len(batch)}", e)
             outputs, busy = [error] * len(batch), 0.0
@@ -395,6 +416,3 @@ def _timed_call(fn: BatchFunction, values: list[Any]) -> tuple[Sequence[Any], fl
     t0 = time.perf_counter()
     out = fn(values)
     return out, time.perf_counter() - t0
-
-
-

@@ -92,8 +92,12 @@ class FakeBackend:
                 failed[new.seq_id] = ValueError(f"injected failure for sequence {new.seq_id} (FAIL marker)")
                 continue
             self._seqs[new.seq_id] = _Seq(
-                self._base(new.prompt_ids, new.params), new.params, 0,
-                StopMatcher(new.params.stop), self._eos_at(new.prompt_ids))
+                self._base(new.prompt_ids, new.params),
+                new.params,
+                0,
+                StopMatcher(new.params.stop),
+                self._eos_at(new.prompt_ids),
+            )
         batch = len(self._seqs)
         self.batch_sizes.append(batch)
         delay = self.step_time_s + self.step_time_per_seq_s * batch
@@ -126,7 +130,9 @@ class FakeBackend:
 
     def tokenize(self, prompt: Prompt) -> list[int]:
         """The fake tokenizer: one token per whitespace-separated word (chat: ``role: content``)."""
-        text = prompt if isinstance(prompt, str) else "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+        text = (
+            prompt if isinstance(prompt, str) else "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+        )
         return [self.word_id(w) for w in text.split()] or [0]
 
     def expected_tokens(self, prompt: Prompt, params: SamplingParams) -> list[int]:

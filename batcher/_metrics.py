@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ._stats import EngineStats, Histogram
@@ -51,7 +51,7 @@ def attach(registry: Any, batcher: Batcher) -> None:
         collector = _collectors.get(registry)
         if collector is None:
             collector = _collectors[registry] = _Collector()
-            registry.register(collector)
+            registry.register(collector)  # a prometheus_client.CollectorRegistry
         collector.batchers.add(batcher)
 
 
@@ -83,7 +83,7 @@ class _Collector:
         )
 
         labels = ["model", "engine"]
-        gauges = {
+        gauges: dict[str, tuple[str, Callable[[Any, Batcher], float]]] = {
             "batcher_queue_depth": ("Requests admitted and waiting to run.", lambda e, b: e.queue_depth),
             "batcher_running_requests": ("Requests in the running batch.", lambda e, b: e.running),
             "batcher_max_queue": ("Configured max_queue (per batcher).", lambda e, b: b.config.max_queue),
@@ -95,7 +95,8 @@ class _Collector:
                 g.add_metric([model, engine], float(get(e, b)))
             yield g
         requests = CounterMetricFamily(
-            "batcher_requests", "Requests by how they ended.", labels=[*labels, "outcome"])
+            "batcher_requests", "Requests by how they ended.", labels=[*labels, "outcome"]
+        )
         for model, engine, e, _ in rows:
             stats: EngineStats = e.stats
             for outcome in OUTCOMES:

@@ -9,6 +9,7 @@ chunk's worth of objects.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ._errors import DeadlineExceeded
@@ -27,9 +28,28 @@ class GenRequest:
     """A generation request. Touched only on the event loop thread."""
 
     __slots__ = (
-        "seq_id", "prompt", "params", "priority", "arrival", "deadline", "engine", "state",
-        "prompt_ids", "cost", "produced", "first_token_at", "last_token_at", "outcome",
-        "_loop", "_timer", "_texts", "_ids", "_finish_reason", "_error", "_waiter", "_on_prepared",
+        "_error",
+        "_finish_reason",
+        "_ids",
+        "_loop",
+        "_on_prepared",
+        "_texts",
+        "_timer",
+        "_waiter",
+        "arrival",
+        "cost",
+        "deadline",
+        "engine",
+        "first_token_at",
+        "last_token_at",
+        "outcome",
+        "params",
+        "priority",
+        "produced",
+        "prompt",
+        "prompt_ids",
+        "seq_id",
+        "state",
     )
 
     def __init__(
@@ -78,7 +98,7 @@ class GenRequest:
         if self._on_prepared is not None and not self._on_prepared.done():
             self._on_prepared.set_result(None)
 
-    def push(self, ids: tuple[int, ...] | list[int], text: str) -> None:
+    def push(self, ids: Sequence[int], text: str) -> None:
         """Deliver new tokens (merged with any the consumer has not taken yet)."""
         self._ids.extend(ids)
         if text:
@@ -86,8 +106,9 @@ class GenRequest:
         self.produced += len(ids)
         self._wake()
 
-    def finish(self, outcome: Outcome, *, reason: FinishReason | None = None,
-               error: BaseException | None = None) -> bool:
+    def finish(
+        self, outcome: Outcome, *, reason: FinishReason | None = None, error: BaseException | None = None
+    ) -> bool:
         """End the request, once. Returns False if it had already ended."""
         if self.state == DONE:
             return False
@@ -111,10 +132,13 @@ class GenRequest:
         self._timer = None
         budget = (self.deadline or self.arrival) - self.arrival
         where = "in the queue" if self.state != RUNNING else f"after {self.produced} tokens"
-        self.finish("deadline", error=DeadlineExceeded(
-            f"request passed its deadline of {budget:.3g} s {where}: "
-            "raise deadline_s, lower max_tokens, or retry when the batcher is less busy"
-        ))
+        self.finish(
+            "deadline",
+            error=DeadlineExceeded(
+                f"request passed its deadline of {budget:.3g} s {where}: "
+                "raise deadline_s, lower max_tokens, or retry when the batcher is less busy"
+            ),
+        )
 
     def _wake(self) -> None:
         w = self._waiter
@@ -159,4 +183,3 @@ class GenRequest:
     @property
     def usage(self) -> Usage:
         return Usage(len(self.prompt_ids), self.produced)
-

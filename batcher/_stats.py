@@ -17,8 +17,28 @@ from ._types import OUTCOMES, Outcome
 __all__ = ["BatcherStats", "EngineStats", "Histogram"]
 
 LATENCY_BUCKETS = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75,
-    1.0, 1.5, 2.5, 5.0, 7.5, 10.0, 20.0, 30.0, 60.0, 120.0,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    1.5,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    30.0,
+    60.0,
+    120.0,
 )
 SIZE_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512)
 TOKEN_BUCKETS = (1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
@@ -81,7 +101,7 @@ class EngineStats:
 class DrainRate:
     """Requests leaving the queue per second over a sliding window: the base of ``retry_after``."""
 
-    __slots__ = ("_events", "_window", "_total")
+    __slots__ = ("_events", "_total", "_window")
 
     def __init__(self, window_s: float = 10.0) -> None:
         self._events: deque[tuple[float, int]] = deque()

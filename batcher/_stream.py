@@ -21,7 +21,7 @@ __all__ = ["TokenStream"]
 class TokenStream(AsyncIterator[Chunk]):
     """The chunks of one generation request. Use as ``async with batcher.stream(...) as s:``."""
 
-    __slots__ = ("_admit", "_req", "_agen")
+    __slots__ = ("_admit", "_agen", "_req")
 
     def __init__(self, admit: Callable[[], GenRequest]) -> None:
         self._admit = admit
@@ -37,8 +37,9 @@ class TokenStream(AsyncIterator[Chunk]):
             raise
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await self.aclose()
 
     def __aiter__(self) -> AsyncGenerator[Chunk, None]:

@@ -15,7 +15,7 @@ __all__ = ["StopMatcher"]
 class StopMatcher:
     """Feed text deltas with :meth:`feed`; get back what is safe to emit and whether a stop hit."""
 
-    __slots__ = ("_stops", "_held", "_max_len")
+    __slots__ = ("_held", "_max_len", "_stops")
 
     def __init__(self, stops: Sequence[str]) -> None:
         self._stops = tuple(stops)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, TypedDict, Union
+from typing import Literal, TypedDict
 
 from ._errors import InvalidRequest
 
@@ -25,17 +25,21 @@ __all__ = [
 FinishReason = Literal["stop", "length"]
 
 #: How a request ended, exactly one per admitted or refused request (the ``outcome`` metric label).
-Outcome = Literal[
-    "finished", "cancelled", "deadline", "overloaded", "failed", "rejected", "shutdown"
-]
+Outcome = Literal["finished", "cancelled", "deadline", "overloaded", "failed", "rejected", "shutdown"]
 OUTCOMES: tuple[Outcome, ...] = (
-    "finished", "cancelled", "deadline", "overloaded", "failed", "rejected", "shutdown"
+    "finished",
+    "cancelled",
+    "deadline",
+    "overloaded",
+    "failed",
+    "rejected",
+    "shutdown",
 )
 
 #: A chat message as the OpenAI API and chat templates spell it: ``{"role": ..., "content": ...}``.
 ChatMessage = Mapping[str, str]
 #: A completion prompt (text) or a chat (messages, formatted by the backend's chat template).
-Prompt = Union[str, Sequence[ChatMessage]]
+Prompt = str | Sequence[ChatMessage]
 
 _ABSURD_MAX_TOKENS = 1 << 20
 
@@ -85,16 +89,10 @@ class SamplingParams:
         _check_int("top_k", self.top_k, low=0, high=_ABSURD_MAX_TOKENS)
         if self.seed is not None:
             _check_int("seed", self.seed, low=0, high=(1 << 63) - 1)
-        if not isinstance(self.stop, tuple) or not all(
-            isinstance(s, str) and s for s in self.stop
-        ):
-            raise InvalidRequest(
-                f"stop must be non-empty strings, got {self.stop!r}", field="stop"
-            )
+        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
+            raise InvalidRequest(f"stop must be non-empty strings, got {self.stop!r}", field="stop")
         if len(self.stop) > 16:
-            raise InvalidRequest(
-                f"stop has {len(self.stop)} strings; at most 16 are allowed", field="stop"
-            )
+            raise InvalidRequest(f"stop has {len(self.stop)} strings; at most 16 are allowed", field="stop")
 
     @property
     def greedy(self) -> bool:
@@ -103,20 +101,14 @@ class SamplingParams:
 
 def _check_int(name: str, value: object, *, low: int, high: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequest(
-            f"{name} must be an integer, got {type(value).__name__} {value!r}", field=name
-        )
+        raise InvalidRequest(f"{name} must be an integer, got {type(value).__name__} {value!r}", field=name)
     if not low <= value <= high:
         raise InvalidRequest(f"{name} must be in [{low}, {high}], got {value}", field=name)
 
 
-def _check_float(
-    name: str, value: object, *, low: float, high: float, low_open: bool = False
-) -> None:
+def _check_float(name: str, value: object, *, low: float, high: float, low_open: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidRequest(
-            f"{name} must be a number, got {type(value).__name__} {value!r}", field=name
-        )
+        raise InvalidRequest(f"{name} must be a number, got {type(value).__name__} {value!r}", field=name)
     bad_low = value <= low if low_open else value < low
     if not math.isfinite(value) or bad_low or value > high:
         bracket = "(" if low_open else "["
@@ -133,8 +125,10 @@ def check_prompt(prompt: object) -> Prompt:
         if not prompt:
             raise InvalidRequest("messages is empty: send at least one message", field="messages")
         for i, m in enumerate(prompt):
-            if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(
-                m.get("content"), str
+            if (
+                not isinstance(m, Mapping)
+                or not isinstance(m.get("role"), str)
+                or not isinstance(m.get("content"), str)
             ):
                 raise InvalidRequest(
                     f"messages[{i}] must be a mapping with string 'role' and 'content', got {m!r}",

@@ -22,7 +22,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from batcher import Batcher, BatchConfig, FakeBackend
+from batcher import BatchConfig, Batcher, FakeBackend
 
 CALLERS = 32
 
@@ -74,14 +74,17 @@ async def bare_queue_batcher(seconds: float) -> float:
 
 
 async def one_shot(seconds: float) -> float:
-    async with Batcher(identity, BatchConfig(max_batch_size=CALLERS, batch_window_s=0,
-                                             max_queue=4 * CALLERS)) as b:
+    async with Batcher(
+        identity, BatchConfig(max_batch_size=CALLERS, batch_window_s=0, max_queue=4 * CALLERS)
+    ) as b:
         return await closed_loop(b.infer, seconds)
 
 
 async def one_token_streams(seconds: float) -> float:
-    async with Batcher(FakeBackend(), BatchConfig(max_batch_size=CALLERS, batch_window_s=0,
-                                                  max_queue=4 * CALLERS)) as b:
+    async with Batcher(
+        FakeBackend(), BatchConfig(max_batch_size=CALLERS, batch_window_s=0, max_queue=4 * CALLERS)
+    ) as b:
+
         async def call(i: int) -> None:
             async for _ in b.stream("hi", max_tokens=1):
                 pass
@@ -92,6 +95,7 @@ async def one_token_streams(seconds: float) -> float:
 async def per_token_cost(rounds: int = 20) -> tuple[float, float]:
     """Microseconds per delivered token with 32 concurrent 64-token streams; and steps/s."""
     async with Batcher(FakeBackend(), BatchConfig(max_batch_size=CALLERS, batch_window_s=0)) as b:
+
         async def consume(i: int) -> int:
             n = 0
             async for c in b.stream(f"stream {i}", max_tokens=64):
@@ -172,17 +176,22 @@ async def main(seconds: float) -> None:
     print(f"{'one-shot infer (no-op batch fn, device thread)':<58} {r:>12,.0f} req/s   target >= 150,000")
     r = await one_token_streams(seconds)
     print(f"{'one-token streaming requests':<58} {r:>12,.0f} req/s   target >= 50,000")
-    us, steps = await per_token_cost()
+    us, _steps = await per_token_cost()
     print(f"{'per delivered token, 32 x 64-token streams':<58} {us:>12.2f} us      target <= 5")
     p50, p99, g50, g99 = await added_latency()
     print(f"{'added latency, lone infer            p50 / p99':<58} {p50:>7.0f} / {p99:.0f} us")
     print(f"{'added latency, lone 1-token generate p50 / p99':<58} {g50:>7.0f} / {g99:.0f} us")
     print("\nbatching efficiency at saturation (FakeBackend, step = a + b*B, 2B closed-loop callers)")
-    print(f"{'a (ms)':>7} {'b (ms)':>7} {'B':>4} {'achieved tok/s':>15} {'ideal tok/s':>12} {'mean B':>7} {'efficiency':>11}")
+    print(
+        f"{'a (ms)':>7} {'b (ms)':>7} {'B':>4} {'achieved tok/s':>15} {'ideal tok/s':>12} "
+        f"{'mean B':>7} {'efficiency':>11}"
+    )
     for a, b_, size in ((0.010, 0.0005, 32), (0.040, 0.003, 32), (0.005, 0.0002, 8)):
         got, ideal, mean = await efficiency(a, b_, size, max(seconds, 3.0))
-        print(f"{a * 1e3:>7.1f} {b_ * 1e3:>7.2f} {size:>4} {got:>15,.0f} {ideal:>12,.0f} "
-              f"{mean:>7.1f} {got / ideal:>10.1%}   target >= 95%")
+        print(
+            f"{a * 1e3:>7.1f} {b_ * 1e3:>7.2f} {size:>4} {got:>15,.0f} {ideal:>12,.0f} "
+            f"{mean:>7.1f} {got / ideal:>10.1%}   target >= 95%"
+        )
 
 
 if __name__ == "__main__":

@@ -32,14 +32,19 @@ def test_import_is_light_and_side_effect_free() -> None:
 
 def test_adapters_is_not_a_top_level_module() -> None:
     code = "import importlib.util; print(importlib.util.find_spec('adapters'))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd="/")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
     assert out.stdout.strip() == "None"
 
 
 def test_errors_form_one_tree() -> None:
-    for name in ("InvalidRequest", "PromptTooLong", "Overloaded", "DeadlineExceeded",
-                 "BatcherClosed", "RequestFailed"):
+    for name in (
+        "InvalidRequest",
+        "PromptTooLong",
+        "Overloaded",
+        "DeadlineExceeded",
+        "BatcherClosed",
+        "RequestFailed",
+    ):
         assert issubclass(getattr(batcher, name), batcher.BatcherError)
     assert issubclass(batcher.InvalidRequest, ValueError)
     assert issubclass(batcher.DeadlineExceeded, TimeoutError)

@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from batcher import (
-    Batcher,
     BatchConfig,
+    Batcher,
     BatcherClosed,
     DeadlineExceeded,
     FakeBackend,
@@ -51,12 +51,16 @@ clients = st.builds(
     external_cancel_ms=st.none() | st.integers(0, 20),
 )
 
-EXCEPTION_OUTCOME = {Overloaded: "overloaded", InvalidRequest: "rejected",
-                     DeadlineExceeded: "deadline", RequestFailed: "failed", BatcherClosed: "shutdown"}
+EXCEPTION_OUTCOME = {
+    Overloaded: "overloaded",
+    InvalidRequest: "rejected",
+    DeadlineExceeded: "deadline",
+    RequestFailed: "failed",
+    BatcherClosed: "shutdown",
+}
 
 
-async def run_client(b: Batcher, fb: FakeBackend, c: Client,
-                     seen: list[tuple[str, str | None]]) -> None:
+async def run_client(b: Batcher, fb: FakeBackend, c: Client, seen: list[tuple[str, str | None]]) -> None:
     """Run one client; record (what the caller saw, the request's outcome in the batcher)."""
     try:
         await asyncio.sleep(c.delay_ms / 1000)
@@ -102,8 +106,11 @@ async def scenario(cs: list[Client], faults: list[int], cfg: BatchConfig, drain_
             await asyncio.sleep(ms / 1000)
             task.cancel()
 
-        extra = [asyncio.create_task(canceller(t, c.external_cancel_ms))
-                 for t, c in zip(tasks, cs, strict=True) if c.external_cancel_ms is not None]
+        extra = [
+            asyncio.create_task(canceller(t, c.external_cancel_ms))
+            for t, c in zip(tasks, cs, strict=True)
+            if c.external_cancel_ms is not None
+        ]
 
         async def fault_injector() -> None:
             for ms in faults:
@@ -136,7 +143,11 @@ async def scenario(cs: list[Client], faults: list[int], cfg: BatchConfig, drain_
     assert leftover == []
 
 
-@settings(max_examples=int(os.environ.get("PROPERTY_EXAMPLES", "60")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=int(os.environ.get("PROPERTY_EXAMPLES", "60")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(
     cs=st.lists(clients, min_size=1, max_size=14),
     faults=st.lists(st.integers(0, 10), max_size=3),
@@ -145,8 +156,8 @@ async def scenario(cs: list[Client], faults: list[int], cfg: BatchConfig, drain_
     window_ms=st.sampled_from([0, 0, 2]),
     drain_ms=st.sampled_from([0, 0, 5]),
 )
-def test_every_request_ends_exactly_once(cs: list[Client], faults: list[int], max_batch_size: int,
-                                         max_queue: int, window_ms: int, drain_ms: int) -> None:
-    cfg = BatchConfig(max_batch_size=max_batch_size, max_queue=max_queue,
-                      batch_window_s=window_ms / 1000)
+def test_every_request_ends_exactly_once(
+    cs: list[Client], faults: list[int], max_batch_size: int, max_queue: int, window_ms: int, drain_ms: int
+) -> None:
+    cfg = BatchConfig(max_batch_size=max_batch_size, max_queue=max_queue, batch_window_s=window_ms / 1000)
     asyncio.run(scenario(cs, faults, cfg, drain_ms / 1000))

@@ -28,8 +28,10 @@ def test_partial_match_released_when_it_cannot_complete() -> None:
     assert m.feed("nd") == ("End", False)
 
 
-@given(st.lists(st.text(alphabet="abcXY", max_size=6), max_size=12),
-       st.lists(st.text(alphabet="abcXY", min_size=1, max_size=4), min_size=1, max_size=3))
+@given(
+    st.lists(st.text(alphabet="abcXY", max_size=6), max_size=12),
+    st.lists(st.text(alphabet="abcXY", min_size=1, max_size=4), min_size=1, max_size=3),
+)
 def test_output_is_the_text_before_the_first_stop(deltas: list[str], stops: list[str]) -> None:
     full = "".join(deltas)
     hits = [i for s in stops if (i := full.find(s)) != -1]

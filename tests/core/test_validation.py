@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from batcher import Batcher, BatchConfig, FakeBackend, InvalidRequest, SamplingParams
+from batcher import BatchConfig, Batcher, FakeBackend, InvalidRequest, SamplingParams
 
 
 @pytest.mark.parametrize(
@@ -41,8 +41,13 @@ async def test_bad_options_are_refused_at_the_call(options: dict, field: str, sh
 
 @pytest.mark.parametrize(
     ("prompt", "field"),
-    [("", "prompt"), ([], "messages"), ([{"role": "user"}], "messages"), (42, "prompt"),
-     (b"bytes", "prompt")],
+    [
+        ("", "prompt"),
+        ([], "messages"),
+        ([{"role": "user"}], "messages"),
+        (42, "prompt"),
+        (b"bytes", "prompt"),
+    ],
 )
 async def test_bad_prompts_are_refused(prompt: object, field: str) -> None:
     async with Batcher(FakeBackend()) as b:
@@ -74,10 +79,15 @@ async def test_request_larger_than_the_token_budget_is_refused() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
-    [({"max_batch_size": 0}, "max_batch_size"), ({"max_queue": -1}, "max_queue"),
-     ({"batch_window_s": -0.1}, "batch_window_s"), ({"batch_window_s": math.inf}, "batch_window_s"),
-     ({"priority_aging_s": 0}, "priority_aging_s"), ({"max_batch_tokens": 0}, "max_batch_tokens"),
-     ({"default_max_tokens": 10, "max_tokens_limit": 5}, "default_max_tokens")],
+    [
+        ({"max_batch_size": 0}, "max_batch_size"),
+        ({"max_queue": -1}, "max_queue"),
+        ({"batch_window_s": -0.1}, "batch_window_s"),
+        ({"batch_window_s": math.inf}, "batch_window_s"),
+        ({"priority_aging_s": 0}, "priority_aging_s"),
+        ({"max_batch_tokens": 0}, "max_batch_tokens"),
+        ({"default_max_tokens": 10, "max_tokens_limit": 5}, "default_max_tokens"),
+    ],
 )
 def test_config_is_validated(kwargs: dict, field: str) -> None:
     with pytest.raises(InvalidRequest) as info:
