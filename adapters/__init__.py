@@ -1,9 +1,37 @@
 """Model backends and framework glue for llm-batcher (installed as ``batcher.adapters``).
 
-Layout:
-    _hf          HFBackend: continuous batching for Hugging Face causal LMs (needs the [hf] extra)
-    _server      the OpenAI-compatible ASGI app (needs the [server] extra)
+Layout (dependencies point to ``batcher``, never back):
+    _hf, _hf_*   HFBackend: continuous batching for Hugging Face causal LMs (the [hf] extra)
+    _server*     the OpenAI-compatible ASGI app (the [server] extra)
     _cli         the ``llm-batcher`` console script
 
 Heavy dependencies load on first use of a name, never on ``import batcher.adapters``.
 """
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._hf import HFBackend
+    from ._server import create_app
+
+__all__ = ["HFBackend", "create_app"]
+
+_WHERE = {"HFBackend": ("._hf", "hf"), "create_app": ("._server", "server")}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'batcher.adapters' has no attribute {name!r}")
+    module, extra = _WHERE[name]
+    try:
+        value = getattr(import_module(module, __name__), name)
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError(
+            f"batcher.adapters.{name} needs {e.name!r}: install it with "
+            f"`pip install 'llm-batcher[{extra}]'` (install torch first where you want a CPU-only build)"
+        ) from e
+    globals()[name] = value
+    return value

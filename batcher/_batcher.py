@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, Literal, Unpack
 
@@ -195,12 +195,12 @@ class Batcher:
         ``usage``; iteration raises :class:`DeadlineExceeded` or :class:`RequestFailed` if the
         request ends so. Leaving the stream early cancels the request.
         """
-        args = self._parse(prompt, options)
+        args = self._parse(prompt, dict(options))
         return TokenStream(lambda: self._admit(*args))
 
     async def generate(self, prompt: Prompt, /, **options: Unpack[GenerationOptions]) -> Completion:
         """Generate for ``prompt`` and return the whole :class:`Completion`."""
-        req = self._admit(*self._parse(prompt, options))
+        req = self._admit(*self._parse(prompt, dict(options)))
         texts: list[str] = []
         ids: list[int] = []
         try:
@@ -215,50 +215,50 @@ class Batcher:
         raise BatcherError("the request ended without a finish reason")  # unreachable by design
 
     def _parse(
-        self, prompt: object, options: Mapping[str, Any]
+        self, prompt: object, options: dict[str, Any]
     ) -> tuple[Prompt, SamplingParams, float | None, int]:
+        """Validate a call's prompt and options (``options`` is the call's own kwargs dict)."""
         try:
             self._require_generative()
-            unknown = set(options) - OPTION_FIELDS
-            if unknown:
+            if not options.keys() <= OPTION_FIELDS:
+                unknown = sorted(options.keys() - OPTION_FIELDS)
                 raise InvalidRequest(
-                    f"unknown parameter(s) {sorted(unknown)}: known are {sorted(OPTION_FIELDS)}",
-                    field=sorted(unknown)[0],
+                    f"unknown parameter(s) {unknown}: known are {sorted(OPTION_FIELDS)}", field=unknown[0]
                 )
-            opts = dict(options)
-            deadline_s = opts.pop("deadline_s", None)
-            priority = opts.pop("priority", 0)
-            params = self._sampling_params(opts)
+            deadline_s = options.pop("deadline_s", None)
+            priority = options.pop("priority", 0)
+            params = self._sampling_params(options)
             if deadline_s is not None and (
-                isinstance(deadline_s, bool)
-                or not isinstance(deadline_s, (int, float))
-                or not 0 < deadline_s < math.inf
+                type(deadline_s) not in (int, float) or not 0 < deadline_s < math.inf
             ):
                 raise InvalidRequest(
                     f"deadline_s must be a positive number of seconds, got {deadline_s!r}", field="deadline_s"
                 )
-            if isinstance(priority, bool) or not isinstance(priority, int) or abs(priority) > 1_000_000:
+            if type(priority) is not int or not -1_000_000 <= priority <= 1_000_000:
                 raise InvalidRequest(
                     f"priority must be an integer in [-1000000, 1000000], got {priority!r}", field="priority"
                 )
-            return check_prompt(prompt), params, deadline_s, priority
+            if type(prompt) is not str or not prompt:
+                prompt = check_prompt(prompt)
+            return prompt, params, deadline_s, priority
         except InvalidRequest:
             if self._engines:
                 self._least_loaded().count("rejected")
             raise
 
     def _sampling_params(self, opts: dict[str, Any]) -> SamplingParams:
-        """Validated SamplingParams; the few distinct sets a service sees are cached."""
-        stop = opts.get("stop")
-        opts["stop"] = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        opts.setdefault("max_tokens", self.config.default_max_tokens)
+        """Validated SamplingParams; the few distinct sets a service sees are cached (keyed by
+        value and type, so ``True`` never passes for ``1``)."""
+        key: tuple[Any, ...] | None = (*opts.items(), *map(type, opts.values()))
         try:
-            key = tuple(sorted((k, type(v), v) for k, v in opts.items()))
-            cached = self._params_cache.get(key)
-        except TypeError:  # an unhashable value: validation below names it
+            cached = self._params_cache.get(key)  # type: ignore[arg-type]
+        except TypeError:  # an unhashable value (a list of stops): validate without the cache
             key, cached = None, None
         if cached is not None:
             return cached
+        stop = opts.get("stop")
+        opts["stop"] = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        opts.setdefault("max_tokens", self.config.default_max_tokens)
         if isinstance(opts["max_tokens"], int) and opts["max_tokens"] > self.config.max_tokens_limit:
             raise InvalidRequest(
                 f"max_tokens must be <= {self.config.max_tokens_limit} (the "
@@ -304,7 +304,7 @@ class Batcher:
         if self._state != "running":
             engine.count("shutdown")
             raise BatcherClosed(self._closed_message())
-        if sum(e.queue_depth for e in self._engines) >= self.config.max_queue:
+        if self.queue_depth >= self.config.max_queue:
             engine.count("overloaded")
             retry = self.retry_after()
             raise Overloaded(
@@ -319,6 +319,12 @@ class Batcher:
             return "the batcher is not started: use `async with Batcher(...)` or await start()"
         return f"the batcher is {self._state}: send the request to another replica"
 
+    @property
+    def queue_depth(self) -> int:
+        """Requests admitted and not yet running, over all engines."""
+        engines = self._engines
+        return engines[0].queue_depth if len(engines) == 1 else sum(e.queue_depth for e in engines)
+
     def _least_loaded(self) -> _Engine:
         engines = self._engines
         return engines[0] if len(engines) == 1 else min(engines, key=lambda e: e.load)
@@ -327,7 +333,7 @@ class Batcher:
         """Seconds until the queue has likely drained enough to admit one more request."""
         assert self._loop is not None
         rate = self._drain.per_second(self._loop.time())
-        queued = sum(e.queue_depth for e in self._engines)
+        queued = self.queue_depth
         if rate <= 0:
             return 1.0
         return min(max((queued - self.config.max_queue + 1) / rate, 0.05), 60.0)

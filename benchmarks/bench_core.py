@@ -22,9 +22,55 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from batcher import BatchConfig, Batcher, FakeBackend
+from batcher import (
+    BatchConfig,
+    Batcher,
+    FakeBackend,
+    InvalidRequest,
+    NewSequence,
+    PreparedPrompt,
+    PrepareRequest,
+    SeqOutput,
+    StepResult,
+)
 
 CALLERS = 32
+
+
+class NullBackend:
+    """A zero-cost generation backend: the least Python a backend can do per token, so the figures
+    are the batcher's own cost (the FakeBackend's tokenizer and stop matching would add theirs)."""
+
+    model_name = "null"
+
+    def __init__(self) -> None:
+        self._left: dict[int, int] = {}
+        self._prompt = PreparedPrompt((1, 2, 3))
+
+    def start(self) -> None:
+        pass
+
+    def prepare(self, requests: list[PrepareRequest]) -> list[PreparedPrompt | InvalidRequest]:
+        return [self._prompt] * len(requests)
+
+    def step(self, admit: list[NewSequence], drop: list[int]) -> StepResult:
+        left = self._left
+        for i in drop:
+            left.pop(i, None)
+        for new in admit:
+            left[new.seq_id] = new.params.max_tokens
+        out = []
+        for i, n in list(left.items()):
+            if n == 1:
+                del left[i]
+                out.append(SeqOutput(i, (7,), " x", "length"))
+            else:
+                left[i] = n - 1
+                out.append(SeqOutput(i, (7,), " x"))
+        return StepResult(out)
+
+    def close(self) -> None:
+        self._left.clear()
 
 
 def identity(xs: list[Any]) -> list[Any]:
@@ -82,7 +128,7 @@ async def one_shot(seconds: float) -> float:
 
 async def one_token_streams(seconds: float) -> float:
     async with Batcher(
-        FakeBackend(), BatchConfig(max_batch_size=CALLERS, batch_window_s=0, max_queue=4 * CALLERS)
+        NullBackend(), BatchConfig(max_batch_size=CALLERS, batch_window_s=0, max_queue=4 * CALLERS)
     ) as b:
 
         async def call(i: int) -> None:
@@ -94,7 +140,7 @@ async def one_token_streams(seconds: float) -> float:
 
 async def per_token_cost(rounds: int = 20) -> tuple[float, float]:
     """Microseconds per delivered token with 32 concurrent 64-token streams; and steps/s."""
-    async with Batcher(FakeBackend(), BatchConfig(max_batch_size=CALLERS, batch_window_s=0)) as b:
+    async with Batcher(NullBackend(), BatchConfig(max_batch_size=CALLERS, batch_window_s=0)) as b:
 
         async def consume(i: int) -> int:
             n = 0
@@ -121,7 +167,7 @@ async def added_latency(n: int = 2000) -> tuple[float, float, float, float]:
             await b.infer(i)
             lat.append(time.perf_counter() - t0)
         out += [_pct(lat, 50), _pct(lat, 99)]
-    async with Batcher(FakeBackend(), BatchConfig(batch_window_s=0)) as b:
+    async with Batcher(NullBackend(), BatchConfig(batch_window_s=0)) as b:
         lat = []
         for _ in range(n):
             t0 = time.perf_counter()
