@@ -347,18 +347,15 @@ class Batcher:
                 w.set_result(None)
 
     async def _prepare_loop(self) -> None:
+        """Tokenize admitted requests in batches on the host thread, then queue them on their
+        engine. Ends once the batcher drains and no admitted request is left."""
         assert self._loop is not None
         while True:
             if not self._preparing:
                 if self._state == "draining" and not self._live:
                     return
-                if self._state == "draining":
-                    # Ended requests leave _live via the engines; wait for the next wake-up.
-                    pass
                 self._prep_wakeup = self._loop.create_future()
                 await self._prep_wakeup
-                if self._state == "draining" and not self._preparing and not self._live:
-                    return
                 continue
             batch, self._preparing = self._preparing, []
             batch = [r for r in batch if not r.done]

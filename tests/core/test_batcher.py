@@ -426,3 +426,22 @@ async def test_infer_cancelled_while_waiting() -> None:
         assert await b.infer(3) == 3
     assert seen == [1, 3]
     assert b.stats().outcomes["cancelled"] == 1
+
+
+async def test_higher_priority_waiting_request_runs_first() -> None:
+    fb = fake(step_time_s=0.002)
+    order: list[str] = []
+
+    async def run(name: str, priority: int) -> None:
+        await b.generate(name, max_tokens=2, priority=priority)
+        order.append(name)
+
+    async with Batcher(fb, BatchConfig(max_batch_size=1, batch_window_s=0)) as b:
+        async with b.stream("hog", max_tokens=10_000) as hog:
+            await hog.__anext__()
+            low = asyncio.create_task(run("low", 0))
+            await wait_until(lambda: b.stats().queue_depth == 1)
+            high = asyncio.create_task(run("high", 10))
+            await wait_until(lambda: b.stats().queue_depth == 2)
+        await asyncio.gather(low, high)
+    assert order == ["high", "low"]
