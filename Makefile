@@ -1,6 +1,7 @@
 # One command runs the demo, one runs every test; both set themselves up first.
 #   make demo    stream many concurrent prompts through SmolLM2 (the embedded model)
 #   make test    the whole test suite (what .ci/run runs)
+#   make serve   the OpenAI-compatible server on 127.0.0.1:8000 (SERVE_ARGS="--model fake" ...)
 #   make bench   the core overhead/efficiency benchmarks
 PY ?= python3
 VENV := .venv
@@ -28,6 +29,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+serve: $(STAMP)
+	$(BIN)/llm-batcher serve $(SERVE_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_core.py

@@ -238,7 +238,7 @@ class Batcher:
                 raise InvalidRequest(
                     f"priority must be an integer in [-1000000, 1000000], got {priority!r}", field="priority"
                 )
-            if type(prompt) is not str or not prompt:
+            if type(prompt) is not str or not prompt or not prompt.isascii():
                 prompt = check_prompt(prompt)
             return prompt, params, deadline_s, priority
         except InvalidRequest:

@@ -115,11 +115,26 @@ def _check_float(name: str, value: object, *, low: float, high: float, low_open:
         raise InvalidRequest(f"{name} must be in {bracket}{low}, {high}], got {value}", field=name)
 
 
+def _check_text(name: str, text: str) -> None:
+    """Refuse text that is not valid Unicode (a lone surrogate, from JSON's "\\ud800"): no
+    tokenizer can encode it."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidRequest(
+                f"{name} is not valid Unicode (character {e.start}: {text[e.start]!r}, a lone "
+                "surrogate): send UTF-8 text",
+                field=name.split(".")[0].split("[")[0],
+            ) from None
+
+
 def check_prompt(prompt: object) -> Prompt:
     """Validate the shape of a prompt (text or chat messages); return it unchanged."""
     if isinstance(prompt, str):
         if not prompt:
             raise InvalidRequest("prompt is empty: send at least one character", field="prompt")
+        _check_text("prompt", prompt)
         return prompt
     if isinstance(prompt, Sequence) and not isinstance(prompt, (bytes, bytearray)):
         if not prompt:
@@ -134,6 +149,7 @@ def check_prompt(prompt: object) -> Prompt:
                     f"messages[{i}] must be a mapping with string 'role' and 'content', got {m!r}",
                     field="messages",
                 )
+            _check_text(f"messages[{i}].content", m["content"])
         return prompt
     raise InvalidRequest(
         f"prompt must be a string or a list of chat messages, got {type(prompt).__name__}",

@@ -114,7 +114,7 @@ def _q(xs: list[float], q: float) -> float:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="a model folder, hub id or .gguf (default: embedded SmolLM2)")
+    ap.add_argument("--model", default=None, help="model folder, hub id or .gguf (default: embedded SmolLM2)")
     ap.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=96)

@@ -47,6 +47,8 @@ async def test_bad_options_are_refused_at_the_call(options: dict, field: str, sh
         ([{"role": "user"}], "messages"),
         (42, "prompt"),
         (b"bytes", "prompt"),
+        ("lone \ud800 surrogate", "prompt"),
+        ([{"role": "user", "content": "bad \udfff"}], "messages"),
     ],
 )
 async def test_bad_prompts_are_refused(prompt: object, field: str) -> None:
