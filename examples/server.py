@@ -1,0 +1,18 @@
+"""Run the OpenAI-compatible server: ``python examples/server.py [serve flags]``.
+
+The same as ``llm-batcher serve``; see ``llm-batcher serve --help`` for every flag and its
+``LLM_BATCHER_*`` environment variable. Examples::
+
+    python examples/server.py                      # the embedded SmolLM2 on 127.0.0.1:8000
+    python examples/server.py --model fake         # the fake backend: no torch, realistic timing
+    python examples/server.py --api-key s3cret --port 9000
+"""
+
+from __future__ import annotations
+
+import sys
+
+from batcher.adapters._cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["serve", *sys.argv[1:]]))
