@@ -1,0 +1,450 @@
+"""HFBackend: continuous batching for Hugging Face causal language models, CPU or CUDA.
+
+A :class:`~batcher.GenerationBackend` (see ``batcher/_backend.py`` for which thread calls which
+verb). One :meth:`HFBackend.step`:
+
+1. *drop*: cancelled rows leave the KV slab (swap-remove, then trim padding columns).
+2. *decode*: the running rows advance one token, in one forward call of the whole batch: one
+   query column per row, its own position id, a per-row attention mask over the shared
+   left-padded window. The new keys/values are written in place into preallocated headroom.
+   When newcomers arrive, the decode is skipped for that one step (never two steps in a row): a
+   newcomer's first token then costs only its prefill, as with a lone ``model.generate``, and
+   the total work is unchanged (the running rows decode at the next step instead).
+3. *prefill*: the newcomers, left-padded, run forward calls that write their keys/values straight
+   into fresh rows of the slab, their prompts ending in the same column as every running row's:
+   the merge costs no copy. The chat template's fixed prefix is not recomputed (its keys/values
+   are copied in), newcomers of very different lengths are split into a few calls, and logits
+   are computed for the last position only (``_hf_prefill``).
+4. Every row's token is chosen (greedy rows in one ``argmax``, see ``_hf_sampling``), detokenized
+   incrementally (``_hf_detok``) and checked for EOS, stop strings and ``max_tokens``
+   (``_hf_rows``); finished rows leave the slab at once and their memory is reused. When the batch
+   empties, the slab is freed.
+
+``StepResult.computed_tokens`` counts query positions run through the model (a decode row is 1, a
+prefill row its padded length less any reused prefix) and ``padding_tokens`` the padded ones.
+
+Modules: ``_hf_cache`` the slab (layout, merge/filter/trim), ``_hf_prefill`` prefill planning,
+``_hf_rows`` per-sequence state, ``_hf_sampling``, ``_hf_detok``, ``_hf_fast`` (CPU: linear
+layers on oneDNN with prepacked weights), ``_hf_load`` (finding/converting/describing models, the
+embedded SmolLM2, the default dtype).
+
+Where the time goes (SmolLM2-135M, 2-core AMX CPU, float32): a decode step is ~80 % matrix
+products, ~9 % attention, the rest elementwise ops; Python and mask building are negligible. So
+the wins were: never copying the cache per step (``DynamicCache`` cats every layer every token),
+prepacked oneDNN weights for decode steps (-35 % step time at 32 rows), no logits for prompt
+positions, not recomputing the template prefix (half of a typical chat prompt), and no padding
+waste. On a machine shared with other processes, set ``OMP_WAIT_POLICY=PASSIVE`` before torch
+loads: spinning OpenMP threads stalled a 2-thread step 3-9x.
+
+KV budget: ``max_batch_tokens``
+-------------------------------
+``kv_bytes_per_token = 2 (K and V) x layers x kv_heads x head_dim x dtype bytes`` (46,080 bytes
+for SmolLM2-135M in float32). The slab holds padded tokens: rows x (window + headroom) columns,
+and a relayout briefly holds old and new slabs. So the budget handed to the scheduler (which
+counts prompt + ``max_tokens`` per running sequence, no padding) is half of what the memory bound
+allows: ``max_batch_tokens = kv_memory_bytes // (2 * kv_bytes_per_token)``. ``kv_memory_gb``
+defaults to min(4 GiB, a quarter of the RAM) on CPU and to 40 % of the free GPU memory on CUDA
+(measured at construction).
+
+Precision
+---------
+float32: each sequence's greedy tokens equal its solo ``model.generate(do_sample=False)`` tokens
+from plain transformers, whatever shares the batch, when it arrives, whoever is cancelled (the
+tests check 18 SmolLM2 prompts token for token); a seeded sampled sequence draws the same tokens
+alone or in a crowd. bfloat16/float16: padding, batch shape and the reused prefix change rounding,
+so a greedy output may leave its solo run's path after a near-tie, and a seeded sample may differ
+with its companions at a near-boundary draw. What holds in every dtype: each sequence's tokens
+come only from its own prompt (no cross-talk), a given batch schedule is deterministic, EOS /
+stop strings / ``max_tokens`` / UTF-8-safe text behave the same.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from batcher import (
+    InvalidRequest,
+    NewSequence,
+    PreparedPrompt,
+    PrepareRequest,
+    Prompt,
+    PromptTooLong,
+    SamplingParams,
+    StepResult,
+)
+
+from ._hf_cache import KVSlab, SlabCache
+from ._hf_fast import pack_linears
+from ._hf_load import (
+    check_cache_compatible,
+    default_kv_gb,
+    eos_ids,
+    head_dim,
+    kv_bytes_per_token,
+    kv_heads,
+    max_context,
+    resolve_dtype,
+    resolve_source,
+)
+from ._hf_prefill import PrefillGroup, chat_prefix, plan_prefill
+from ._hf_rows import Row
+from ._hf_sampling import sample
+
+__all__ = ["HFBackend"]
+
+_GIB = 1 << 30
+
+
+class HFBackend:
+    """Continuous batching for a transformers causal LM (see the module doc).
+
+    ``model``: a local folder, a hub id (where a hub is reachable), a ``.gguf`` file, or ``None``
+    for the embedded SmolLM2-135M-Instruct (converted once to a cached safetensors folder).
+    ``gguf_file``: a GGUF file name inside the ``model`` folder or repository.
+    ``dtype``: ``"auto"`` (float32 on CPU, bfloat16/float16 on CUDA), ``"float32"``,
+    ``"bfloat16"``, ``"float16"`` or a ``torch.dtype``. ``device``: ``"cpu"``, ``"cuda"``,
+    ``"cuda:1"``... ``max_batch_tokens``: the KV budget in tokens (default: derived from
+    ``kv_memory_gb``, see the module doc). ``model_name``: the metrics label (default: derived
+    from the model).
+
+    The tokenizer and config load here (``prepare`` may run before ``start``); the weights load
+    in :meth:`start`, on the device thread.
+
+    Attributes: ``model_name``; ``max_context`` (tokens: the model's position limit, or the
+    tokenizer's if smaller); ``max_batch_tokens`` (the KV budget the scheduler reserves against,
+    see the module doc); ``kv_bytes_per_token``; ``dtype``; ``device``; ``tokenizer``; ``model``
+    (after ``start``).
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str] | None = None,
+        *,
+        gguf_file: str | None = None,
+        dtype: str | torch.dtype = "auto",
+        device: str | torch.device = "cpu",
+        max_batch_tokens: int | None = None,
+        kv_memory_gb: float | None = None,
+        model_name: str | None = None,
+    ) -> None:
+        from transformers import AutoConfig, AutoTokenizer
+
+        self.device = torch.device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self._source, self._load_kw, default_name = resolve_source(model, gguf_file)
+        self.model_name = model_name or default_name
+        self.tokenizer = AutoTokenizer.from_pretrained(self._source, **self._load_kw)
+        # The device thread decodes with its own copy: a tokenizer is not safe to share between
+        # threads (the Rust object refuses concurrent borrows when settings change).
+        self._decode_tokenizer = copy.deepcopy(self.tokenizer)
+        self._prepare_lock = threading.Lock()
+        self.config = AutoConfig.from_pretrained(self._source, **self._load_kw)
+        text = self.config.get_text_config()
+        check_cache_compatible(text)
+        self.max_context = max_context(text, self.tokenizer)
+        self.kv_bytes_per_token = kv_bytes_per_token(text, self.dtype)
+        self.kv_memory_bytes = int((kv_memory_gb or default_kv_gb(self.device)) * _GIB)
+        self.max_batch_tokens = max_batch_tokens or max(
+            1, self.kv_memory_bytes // (2 * self.kv_bytes_per_token)
+        )
+        self._eos = eos_ids(self.config, self.tokenizer, self._source, self._load_kw)
+        self._special = frozenset(self.tokenizer.all_special_ids)
+        self._pad = self._eos_first()
+        self.model: Any = None
+        self._slab: KVSlab | None = None
+        self._cache: SlabCache | None = None
+        self._rows: list[Row] = []
+        self._float_mask = False
+        self._decoded_last = False
+        self._prefix: list[int] = []  # the chat-template prefix whose KV is reused
+        # One extra prefill call costs about as much as this many prompt tokens (see
+        # ``_hf_prefill.length_groups``): a pass over the weights, dear on CPU, cheap on GPU.
+        self._call_cost_tokens = 24 if self.device.type == "cpu" else 64
+        self.packed_linears = 0
+
+    # -- the four verbs ---------------------------------------------------------------------
+    def start(self) -> None:
+        """Device thread: load the weights, check the cache layout works, warm up."""
+        from transformers import AutoModelForCausalLM
+
+        kw = dict(self._load_kw, dtype=self.dtype)
+        model: Any
+        try:
+            model = AutoModelForCausalLM.from_pretrained(self._source, attn_implementation="sdpa", **kw)
+        except (ValueError, ImportError):  # no SDPA support: eager attention takes additive masks
+            model = AutoModelForCausalLM.from_pretrained(self._source, attn_implementation="eager", **kw)
+            self._float_mask = True
+        self.model = model.to(self.device).eval()
+        self.packed_linears = pack_linears(self.model)  # CPU: oneDNN prepacked weights
+        text = self.model.config.get_text_config()
+        self._slab = KVSlab(
+            layers=text.num_hidden_layers,
+            kv_heads=kv_heads(text),
+            head_dim=head_dim(text),
+            dtype=self.dtype,
+            device=self.device,
+        )
+        self._cache = SlabCache(self._slab)
+        self._warm_up()
+        self._build_prefix()
+
+    def prepare(self, requests: Sequence[PrepareRequest]) -> list[PreparedPrompt | InvalidRequest]:
+        """Host thread: tokenize (chat template for message lists) and check the context limit."""
+        with self._prepare_lock:
+            return [self._prepare_one(r.prompt, r.params) for r in requests]
+
+    def step(self, admit: Sequence[NewSequence], drop: Sequence[int]) -> StepResult:
+        """Device thread: drop, decode the running rows, prefill and merge the newcomers."""
+        if self.model is None:
+            raise RuntimeError("HFBackend.step() before start(): the engine must start it first")
+        try:
+            with torch.inference_mode():
+                return self._step(admit, drop)
+        except BaseException:
+            self._reset()  # the engine fails (and drops) every sequence of a failed step
+            raise
+
+    def close(self) -> None:
+        """Device thread: free the KV slab and the weights."""
+        self._reset()
+        self.model = None
+        self._cache = None
+        self._slab = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # -- introspection (tests, benchmarks) --------------------------------------------------
+    @property
+    def live_sequences(self) -> int:
+        return len(self._rows)
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes the KV slab holds now (0 when the batch is empty)."""
+        return self._slab.nbytes() if self._slab is not None else 0
+
+    @property
+    def slab(self) -> KVSlab | None:
+        return self._slab
+
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        """The token ids ``prepare`` gives ``prompt`` (chat lists through the chat template)."""
+        if isinstance(prompt, str):
+            return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidRequest(
+                f"{self.model_name} has no chat template: send a text prompt instead of messages",
+                field="messages",
+            )
+        text = self.tokenizer.apply_chat_template(
+            [dict(m) for m in prompt], add_generation_prompt=True, tokenize=False
+        )
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    # -- prepare ----------------------------------------------------------------------------
+    def _prepare_one(self, prompt: Prompt, params: SamplingParams) -> PreparedPrompt | InvalidRequest:
+        try:
+            ids = self.tokenize(prompt)
+        except InvalidRequest as exc:
+            return exc
+        if not ids:
+            return InvalidRequest("the prompt tokenizes to nothing: send some text", field="prompt")
+        limit = self.max_context
+        if len(ids) >= limit:
+            return PromptTooLong(
+                f"prompt has {len(ids)} tokens; {self.model_name}'s context is {limit} tokens "
+                "(prompt + at least one generated token): shorten the prompt",
+                limit=limit,
+                requested=len(ids),
+            )
+        total = len(ids) + params.max_tokens
+        if total > limit:
+            return PromptTooLong(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
+                f"{self.model_name}'s context of {limit} tokens: shorten the prompt or lower "
+                f"max_tokens to {limit - len(ids)}",
+                limit=limit,
+                requested=total,
+                field="max_tokens",
+            )
+        return PreparedPrompt(ids)
+
+    # -- step -------------------------------------------------------------------------------
+    def _step(self, admit: Sequence[NewSequence], drop: Sequence[int]) -> StepResult:
+        assert self._slab is not None
+        if drop:
+            self._remove({*drop})
+        failed: dict[int, BaseException] = {}
+        admit = [a for a in admit if not self._blame(a, failed)]
+        slab, n = self._slab, len(self._rows)
+        # Newcomers are prefilled in a step of their own (the running rows wait one step), so
+        # their first token does not also wait for a decode; never twice in a row, so a stream
+        # of arrivals cannot stall the running rows.
+        decode = n > 0 and not (admit and self._decoded_last)
+        padded = max((len(a.prompt_ids) for a in admit), default=0)
+        slab.reserve(new_rows=len(admit), left=max(0, padded - decode), right=int(decode))
+        tokens: list[int] = []
+        computed = padding = 0
+        if decode:
+            tokens += self._decode()
+            computed += n
+        self._decoded_last = decode
+        if admit:
+            first, done, padding = self._prefill(admit)
+            tokens += first
+            computed += done
+        rows = self._rows if decode else self._rows[n:]
+        outputs = [
+            row.advance(tok, self._eos, self.max_context) for row, tok in zip(rows, tokens, strict=True)
+        ]
+        finished = {o.seq_id for o in outputs if o.finish_reason is not None}
+        if finished:
+            self._remove(finished)
+        return StepResult(outputs, failed, computed_tokens=computed, padding_tokens=padding)
+
+    def _blame(self, new: NewSequence, failed: dict[int, BaseException]) -> bool:
+        ids = new.prompt_ids
+        vocab = self.model.get_input_embeddings().num_embeddings
+        if not ids or min(ids) < 0 or max(ids) >= vocab:
+            failed[new.seq_id] = InvalidRequest(
+                f"prompt token ids must be in [0, {vocab}) and non-empty", field="prompt"
+            )
+            return True
+        if len(ids) + new.params.max_tokens > self.max_context:
+            failed[new.seq_id] = PromptTooLong(
+                f"prompt + max_tokens exceeds the context of {self.max_context} tokens",
+                limit=self.max_context,
+                requested=len(ids) + new.params.max_tokens,
+            )
+            return True
+        return False
+
+    def _decode(self) -> list[int]:
+        slab, rows = self._slab, self._rows
+        assert slab is not None
+        n, col = len(rows), slab.end
+        ids = torch.tensor([[r.last] for r in rows], device=self.device)
+        pos = torch.tensor([[r.position] for r in rows], device=self.device)
+        slab.valid[:n, col] = True
+        mask = slab.valid[:n, slab.start : col + 1].reshape(n, 1, 1, -1)
+        slab.window(0, n, slab.start, col)
+        logits = self._forward(ids, pos, mask)
+        slab.end = col + 1
+        for r in rows:
+            r.position += 1
+        return sample(logits, [r.sampler for r in rows])
+
+    def _prefill(self, admit: Sequence[NewSequence]) -> tuple[list[int], int, int]:
+        """Prefill the newcomers (see ``_hf_prefill``): their first tokens, the positions
+        computed and how many of them were padding."""
+        tokens: list[int] = []
+        computed = padding = 0
+        for group in plan_prefill(admit, self._prefix, self._call_cost_tokens):
+            tokens += self._prefill_group(group)
+            computed += len(group.seqs) * group.width
+            padding += group.padding
+        return tokens, computed, padding
+
+    def _prefill_group(self, group: PrefillGroup) -> list[int]:
+        slab = self._slab
+        assert slab is not None
+        n, m, end = len(self._rows), len(group.seqs), slab.end
+        ids, pos, mask = group.inputs(self._pad, self.device)
+        fill = [(n + i, end - k) for i, k in enumerate(group.lengths)] if group.skip else []
+        slab.window(n, n + m, end - group.skip - group.width, end - group.width, fill)
+        # One unpadded prompt, nothing reused: no mask, attention takes its fast causal path.
+        logits = self._forward(ids, pos, None if m == 1 and not group.skip else mask)
+        slab.window(0, 0, 0, 0)
+        slab.add_rows(group.lengths)
+        tok, special = self._decode_tokenizer, self._special
+        self._rows += [Row.new(a.seq_id, a.prompt_ids, a.params, tok, special) for a in group.seqs]
+        return sample(logits, [r.sampler for r in self._rows[n:]])
+
+    def _build_prefix(self) -> None:
+        """Compute the keys/values of the chat template's fixed prefix once (``_hf_prefill``)."""
+        slab = self._slab
+        assert slab is not None
+        prefix = chat_prefix(self._decode_tokenizer)  # the device thread's own tokenizer
+        if not prefix:
+            return
+        p = len(prefix)
+        slab.reserve(new_rows=1, left=p, right=0)
+        slab.window(0, 1, slab.end - p, slab.end - p)
+        with torch.inference_mode():
+            ids = torch.tensor([prefix], device=self.device)
+            self._forward(ids, torch.arange(p, device=self.device).unsqueeze(0), None)
+        slab.prefix_keys = [k[0, :, slab.end - p : slab.end].clone() for k in slab.keys]
+        slab.prefix_values = [v[0, :, slab.end - p : slab.end].clone() for v in slab.values]
+        slab.free()
+        self._prefix = prefix
+
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if mask is not None and self._float_mask:
+            mask = torch.zeros(mask.shape, dtype=self.dtype, device=self.device).masked_fill_(
+                ~mask, torch.finfo(self.dtype).min
+            )
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            past_key_values=self._cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        logits: torch.Tensor = out.logits[:, -1, :]
+        return logits
+
+    def _remove(self, seq_ids: set[int]) -> None:
+        assert self._slab is not None
+        idx = [i for i, r in enumerate(self._rows) if r.seq_id in seq_ids]
+        if not idx:
+            return
+        for src, dst in self._slab.remove(idx):
+            self._rows[dst] = self._rows[src]
+        del self._rows[self._slab.rows :]
+
+    def _reset(self) -> None:
+        self._rows.clear()
+        if self._slab is not None:
+            self._slab.free()
+
+    def _warm_up(self) -> None:
+        """Run a tiny prefill + decode through the slab; refuse a model it does not fit."""
+        assert self._slab is not None
+        calls = [0]
+        original = self._slab.update
+
+        def counting(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            calls[0] += 1
+            return original(layer, k, v)
+
+        self._slab.update = counting  # type: ignore[method-assign]
+        eos, self._eos = self._eos, frozenset()  # the warm-up sequence must not stop early
+        try:
+            with torch.inference_mode():
+                self._step([NewSequence(-1, [self._pad, self._pad], SamplingParams(max_tokens=2))], ())
+                self._step((), ())
+        finally:
+            self._slab.update = original  # type: ignore[method-assign]
+            self._eos = eos
+            self._reset()
+        if calls[0] != 2 * self._slab.layers:
+            raise InvalidRequest(
+                f"{self.model_name}: its attention does not use a standard per-layer KV cache "
+                f"({calls[0]} cache updates for {self._slab.layers} layers x 2 steps), so HFBackend "
+                "cannot batch it continuously: use a model with plain full attention",
+                field="model",
+            )
+
+    def _eos_first(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad) if pad is not None else min(self._eos) if self._eos else 0
+
+
+# -- helpers ------------------------------------------------------------------------------------

@@ -1,0 +1,223 @@
+"""The KV store of :class:`~batcher.adapters.HFBackend`: one preallocated, left-padded slab.
+
+Layout (per layer, keys and values alike)::
+
+    rows     0 .. n-1           live sequences, in no particular order (a finished row is
+                                 swap-removed: the last live row moves into its slot)
+    columns  start .. end-1     the live window; every row's tokens *end* at column end-1
+                                 (left padding), row r's first real column is ``first[r]``
+    columns  end .. capacity-1  headroom: decode steps write column ``end`` in place
+
+Why not ``DynamicCache``: it ``torch.cat``s every layer every step, copying the whole cache each
+token (about 440 MB a step at batch 32 x 300 columns for SmolLM2 in fp32). Here a decode step
+writes one column in place and attention reads a strided view of the window. The slab is
+reallocated only when the headroom runs out, a newcomer needs more columns to the left than the
+window has, or rows run out; then the live window is copied once.
+
+Continuous batching on the slab (the TGI ``CausalLMBatch`` filter/concatenate design, in place):
+
+* *merge*: newcomers are prefilled together straight into rows ``n .. n+m-1``, their prompts
+  ending at column ``end-1`` like everyone else's. No copy.
+* *filter*: a finished or cancelled row is replaced by the last live row (one row copy).
+* *trim*: ``start`` becomes the smallest ``first[r]`` of the remaining rows, so padding columns
+  no row needs are dropped from attention for free.
+
+The padding of a row (columns ``start .. first[r]-1``) is masked out of attention by ``valid``.
+Every slab cell holds a finite number (zeros, or a stale but finite key/value), so a masked score
+never turns into NaN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+__all__ = ["KVSlab", "SlabCache"]
+
+
+class KVSlab:
+    """Preallocated keys/values for every layer, plus the per-row validity mask."""
+
+    def __init__(
+        self,
+        *,
+        layers: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        headroom: int = 64,
+    ) -> None:
+        self.layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
+        self.dtype, self.device, self.headroom = dtype, device, headroom
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.valid = torch.zeros(0, 0, dtype=torch.bool, device=device)
+        self.rows = 0  # live rows
+        self.start = 0  # first live column
+        self.end = 0  # next column to write
+        self.first: list[int] = []  # first real column of each live row
+        self.relayouts = 0  # how many times the slab was reallocated (for tests)
+        # The window the next forward reads and writes (set by ``window``).
+        self._r0 = self._r1 = self._read = self._write = 0
+        # The shared prompt prefix (per layer [kv_heads, p, head_dim]) and where to copy it.
+        self.prefix_keys: list[torch.Tensor] = []
+        self.prefix_values: list[torch.Tensor] = []
+        self._fill: list[tuple[int, int]] = []
+
+    # -- sizes ----------------------------------------------------------------------------
+    @property
+    def row_capacity(self) -> int:
+        return self.valid.shape[0]
+
+    @property
+    def col_capacity(self) -> int:
+        return self.valid.shape[1]
+
+    @property
+    def width(self) -> int:
+        return self.end - self.start
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    # -- layout ---------------------------------------------------------------------------
+    def reserve(self, *, new_rows: int, left: int, right: int) -> None:
+        """Make room for ``new_rows`` more rows, ``left`` columns before ``end`` (a newcomer's
+        prompt) and ``right`` columns from ``end`` on (tokens about to be written)."""
+        rows = self.rows + new_rows
+        if (
+            rows <= self.row_capacity
+            and left <= self.end
+            and self.end + right <= self.col_capacity
+        ):
+            return
+        self._relayout(rows, max(left, self.width), right)
+
+    def _relayout(self, rows: int, left: int, right: int) -> None:
+        """Reallocate: copy the live window so that it ends at column ``left`` (+ slack)."""
+        row_cap = max(rows, self.row_capacity if rows <= self.row_capacity else 2 * self.row_capacity)
+        slack = min(self.headroom, 64)
+        new_end = left + slack
+        col_cap = new_end + max(right, self.headroom)
+        n, w = self.rows, self.width
+        shape = (row_cap, self.kv_heads, col_cap, self.head_dim)
+        keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
+        values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
+        if n:
+            for new, old in zip((*keys, *values), (*self.keys, *self.values), strict=True):
+                new[:n, :, new_end - w : new_end] = old[:n, :, self.start : self.end]
+        valid = torch.zeros(row_cap, col_cap, dtype=torch.bool, device=self.device)
+        if n:
+            valid[:n, new_end - w : new_end] = self.valid[:n, self.start : self.end]
+        shift = new_end - self.end
+        self.keys, self.values, self.valid = keys, values, valid
+        self.first = [f + shift for f in self.first]
+        self.start, self.end = new_end - w, new_end
+        self.relayouts += 1
+
+    def free(self) -> None:
+        """Release all memory (the batch is empty)."""
+        self.keys, self.values = [], []
+        self.valid = torch.zeros(0, 0, dtype=torch.bool, device=self.device)
+        self.rows = self.start = self.end = 0
+        self.first = []
+
+    def remove(self, rows: Sequence[int]) -> list[tuple[int, int]]:
+        """Swap-remove ``rows``; return the ``(from, to)`` row moves made (callers move their
+        own per-row state the same way). Then trim padding no remaining row needs."""
+        gone = set(rows)
+        n_new = self.rows - len(gone)
+        holes = sorted(r for r in gone if r < n_new)
+        movers = [r for r in range(n_new, self.rows) if r not in gone]
+        moves = list(zip(movers, holes, strict=True))
+        if moves:
+            src = torch.tensor(movers, device=self.device)
+            dst = torch.tensor(holes, device=self.device)
+            s, e = self.start, self.end
+            for t in (*self.keys, *self.values):
+                t[dst, :, s:e] = t[src, :, s:e]
+            self.valid[dst] = self.valid[src]
+            for a, b in moves:
+                self.first[b] = self.first[a]
+        self.rows = n_new
+        del self.first[n_new:]
+        if n_new == 0:
+            self.free()
+        else:
+            self.start = min(self.first)
+        return moves
+
+    def add_rows(self, prompt_lens: Sequence[int]) -> None:
+        """Claim rows for newcomers whose prompts end at column ``end-1`` (left padding)."""
+        n, m = self.rows, len(prompt_lens)
+        self.valid[n : n + m] = False
+        for i, length in enumerate(prompt_lens):
+            self.valid[n + i, self.end - length : self.end] = True
+            self.first.append(self.end - length)
+        self.rows = n + m
+        self.start = min(self.first)
+
+    # -- the window of one forward ----------------------------------------------------------
+    def window(
+        self, r0: int, r1: int, read: int, write: int, fill: Sequence[tuple[int, int]] = ()
+    ) -> None:
+        """The next forward runs rows ``r0:r1``, writes its new keys at column ``write`` onward
+        and attends to columns ``read`` up to the last written one. ``fill`` lists ``(row,
+        column)`` places where the shared prefix goes: it is copied there after each layer's
+        write (a padding query's write may land on a row's prefix columns)."""
+        self._r0, self._r1, self._read, self._write = r0, r1, read, write
+        self._fill = list(fill)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r0, r1, w = self._r0, self._r1, self._write
+        w1 = w + k.shape[2]
+        kb, vb = self.keys[layer], self.values[layer]
+        kb[r0:r1, :, w:w1] = k
+        vb[r0:r1, :, w:w1] = v
+        if self._fill:
+            pk, pv = self.prefix_keys[layer], self.prefix_values[layer]
+            p = pk.shape[1]
+            for row, col in self._fill:
+                kb[row, :, col : col + p] = pk
+                vb[row, :, col : col + p] = pv
+        return kb[r0:r1, :, self._read : w1], vb[r0:r1, :, self._read : w1]
+
+
+class _SlabLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]
+    """One layer's view of the slab, in the shape transformers' attention modules expect."""
+
+    is_sliding = False
+
+    def __init__(self, slab: KVSlab, index: int) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.slab, self.index = slab, index
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        return None
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.slab.update(self.index, key_states, value_states)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.slab._write - self.slab._read
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class SlabCache(Cache):
+    """A transformers ``Cache`` whose layers read and write the :class:`KVSlab` window."""
+
+    def __init__(self, slab: KVSlab) -> None:
+        super().__init__(layers=[_SlabLayer(slab, i) for i in range(slab.layers)])
+        self.slab = slab

@@ -1,0 +1,460 @@
+"""Benchmark: Batcher + HFBackend against the simple ways of serving a transformers model.
+
+Workload (fixed, seeded): chat prompts that invite long answers, ``max_tokens`` drawn in 16..128,
+greedy decoding, on the embedded SmolLM2-135M-Instruct. Two arrival patterns:
+
+* closed loop: ``--concurrency`` (32) clients, each sends its next prompt when the last ends;
+* Poisson: requests arrive at ``--rate`` (0.5) per second, whatever the server's state.
+
+Systems:
+
+* ``batcher``      our Batcher + HFBackend (continuous batching on the KV slab);
+                   the baselines below run plain transformers (a separate, unmodified copy);
+* ``sequential``   one ``model.generate`` at a time (an asyncio lock around a worker thread);
+* ``threads``      thread per request: ``asyncio.to_thread(model.generate)`` on the default pool;
+* ``static``       static batching: wait ``--window`` s (or for 32 requests), run one padded
+                   ``generate`` of the batch to its longest member, answer everyone at its end
+                   (TTFT = when the batch's first token is out);
+* ``ceiling``      raw ceiling: one padded ``generate`` of a full batch of 32 prompts for 128
+                   tokens, counting every computed token (no EOS, no waste accounting).
+
+The slow baselines (sequential, threads) run on the first ``--baseline-prompts`` prompts (16 by
+default) so that a whole run stays under ~10 minutes per dtype; tokens/s are comparable, latency
+percentiles are over their own subset. Useful tokens = generated tokens delivered to clients
+(EOS included, as ``generate`` counts it).
+
+Prints a table, writes ``results-<dtype>.json`` and ``bench_hf-<dtype>.png`` to ``--out``.
+Usage::
+
+    python benchmarks/bench_hf.py --dtype float32 [--quick] [--out out/bench_hf]
+"""
+
+from __future__ import annotations
+
+import os
+
+# On a shared 2-core machine, OpenMP threads that spin while waiting stall whenever a core is
+# taken by another process (measured: a batch-32 decode step went from ~0.2 s to 0.5-1.8 s under
+# load). Passive waiting keeps the numbers stable; set OMP_WAIT_POLICY yourself to override.
+# (It must be set before torch loads its OpenMP runtime.)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from batcher.adapters._hf import HFBackend
+from tqdm import tqdm
+
+from batcher import BatchConfig, Batcher
+
+TOPICS = [
+    "the history of the Roman Empire", "how volcanoes form", "the life cycle of stars",
+    "why people dream", "the invention of the printing press", "how the internet works",
+    "the water cycle", "the causes of the French Revolution", "how vaccines train the immune system",
+    "the migration of monarch butterflies", "photosynthesis", "the rise of artificial intelligence",
+    "the building of the pyramids", "how airplanes fly", "the ocean's deepest trenches",
+    "the discovery of penicillin",
+]
+TEMPLATES = [
+    "Write a detailed essay about {t}.",
+    "Explain {t} step by step, with examples, to a curious student.",
+    "Tell me a long story that involves {t}.",
+    "Give a thorough lecture on {t}, covering everything important.",
+]
+
+
+@dataclass
+class Req:
+    messages: list[dict[str, str]]
+    max_tokens: int
+
+
+@dataclass
+class Obs:
+    ttft: float
+    e2e: float
+    tokens: int
+
+
+@dataclass
+class Figures:
+    system: str
+    pattern: str
+    requests: int
+    useful_tokens: int
+    wall_s: float
+    tokens_per_s: float
+    ttft_p50: float
+    ttft_p99: float
+    e2e_p50: float
+    e2e_p99: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def workload(n: int, seed: int = 1234) -> list[Req]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        text = TEMPLATES[i % len(TEMPLATES)].format(t=TOPICS[(i * 7 + i // 16) % len(TOPICS)])
+        out.append(Req([{"role": "user", "content": text}], rng.randint(16, 128)))
+    return out
+
+
+def pct(xs: Sequence[float], p: float) -> float:
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, round(p / 100 * (len(s) - 1))))]
+
+
+def figures(system: str, pattern: str, obs: list[Obs], wall: float, **extra: Any) -> Figures:
+    toks = sum(o.tokens for o in obs)
+    return Figures(
+        system, pattern, len(obs), toks, wall, toks / wall,
+        pct([o.ttft for o in obs], 50), pct([o.ttft for o in obs], 99),
+        pct([o.e2e for o in obs], 50), pct([o.e2e for o in obs], 99), extra,
+    )
+
+
+# -- arrival patterns ------------------------------------------------------------------------------
+Serve = Callable[[Req], Awaitable[Obs]]
+
+
+async def closed_loop(serve: Serve, reqs: list[Req], concurrency: int, desc: str) -> tuple[list[Obs], float]:
+    queue = list(reversed(reqs))
+    obs: list[Obs] = []
+    bar = tqdm(total=len(reqs), desc=desc, leave=False)
+
+    async def client() -> None:
+        while queue:
+            r = queue.pop()
+            obs.append(await serve(r))
+            bar.update()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    bar.close()
+    return obs, time.perf_counter() - t0
+
+
+async def poisson(
+    serve: Serve, reqs: list[Req], rate: float, desc: str, seed: int = 7
+) -> tuple[list[Obs], float]:
+    rng = random.Random(seed)
+    bar = tqdm(total=len(reqs), desc=desc, leave=False)
+    tasks = []
+
+    async def one(r: Req) -> Obs:
+        o = await serve(r)
+        bar.update()
+        return o
+
+    t0 = time.perf_counter()
+    for r in reqs:
+        tasks.append(asyncio.create_task(one(r)))
+        await asyncio.sleep(rng.expovariate(rate))
+    obs = list(await asyncio.gather(*tasks))
+    bar.close()
+    return obs, time.perf_counter() - t0
+
+
+# -- systems --------------------------------------------------------------------------------------
+def batcher_serve(batcher: Batcher) -> Serve:
+    async def serve(r: Req) -> Obs:
+        t0 = time.perf_counter()
+        ttft = None
+        n = 0
+        async with batcher.stream(r.messages, max_tokens=r.max_tokens) as stream:
+            async for chunk in stream:
+                if chunk.token_ids and ttft is None:
+                    ttft = time.perf_counter() - t0
+                n += len(chunk.token_ids)
+        return Obs(ttft or 0.0, time.perf_counter() - t0, n)
+
+    return serve
+
+
+class _FirstToken:
+    """A generate() streamer that notes when the first generated token comes out."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.at: float | None = None
+
+    def put(self, value: Any) -> None:
+        self.calls += 1
+        if self.calls == 2 and self.at is None:  # the first put() is the prompt
+            self.at = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+class Generator:
+    """Plain ``model.generate`` on a plain transformers copy of the model (the baselines: no
+    packed weights, no KV slab: what one gets without this project)."""
+
+    def __init__(self, backend: HFBackend) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(backend._source, dtype=backend.dtype).eval()
+        self.tok = backend.tokenizer
+        self.pad = backend.tokenizer.pad_token_id
+        self.ids = {}
+
+    def encode(self, r: Req) -> list[int]:
+        key = r.messages[0]["content"]
+        if key not in self.ids:
+            text = self.tok.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=False)
+            self.ids[key] = self.tok(text, add_special_tokens=False)["input_ids"]
+        return self.ids[key]
+
+    def generate(
+        self, prompts: list[list[int]], max_new: int, streamer: Any = None, min_new: int = 0
+    ) -> list[list[int]]:
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[self.pad] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=min_new,
+                do_sample=False, pad_token_id=self.pad, streamer=streamer,
+            )
+        return [row[width:].tolist() for row in out]
+
+    def useful(self, tokens: list[int], max_tokens: int) -> int:
+        """Tokens a client would get: up to its max_tokens, up to and including EOS."""
+        tokens = tokens[:max_tokens]
+        eos = self.model.generation_config.eos_token_id
+        eos = {eos} if isinstance(eos, int) else set(eos or ())
+        for i, t in enumerate(tokens):
+            if t in eos:
+                return i + 1
+        return len(tokens)
+
+    def one(self, r: Req) -> Obs:
+        t0 = time.perf_counter()
+        s = _FirstToken()
+        [toks] = self.generate([self.encode(r)], r.max_tokens, s)
+        end = time.perf_counter()
+        return Obs((s.at or end) - t0, end - t0, self.useful(toks, r.max_tokens))
+
+
+def sequential_serve(gen: Generator) -> Serve:
+    lock = asyncio.Lock()
+
+    async def serve(r: Req) -> Obs:
+        t0 = time.perf_counter()
+        async with lock:
+            o = await asyncio.to_thread(gen.one, r)
+        return Obs(o.ttft + (time.perf_counter() - t0 - o.e2e), time.perf_counter() - t0, o.tokens)
+
+    return serve
+
+
+def threads_serve(gen: Generator) -> Serve:
+    async def serve(r: Req) -> Obs:
+        t0 = time.perf_counter()
+        o = await asyncio.to_thread(gen.one, r)
+        return Obs(o.ttft + (time.perf_counter() - t0 - o.e2e), time.perf_counter() - t0, o.tokens)
+
+    return serve
+
+
+class StaticBatcher:
+    """Collect requests for ``window`` s (or until ``size``), then generate them as one batch."""
+
+    def __init__(self, gen: Generator, window: float, size: int = 32) -> None:
+        self.gen, self.window, self.size = gen, window, size
+        self.pending: list[tuple[Req, asyncio.Future[tuple[float, float, int]]]] = []
+        self.lock = asyncio.Lock()
+        self.timer: asyncio.TimerHandle | None = None
+        self.kick = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    async def run(self) -> None:
+        while True:
+            await self.kick.wait()
+            self.kick.clear()
+            await asyncio.sleep(self.window)
+            batch, self.pending = self.pending[: self.size], self.pending[self.size :]
+            if self.pending:
+                self.kick.set()
+            if not batch:
+                continue
+            prompts = [self.gen.encode(r) for r, _ in batch]
+            longest = max(r.max_tokens for r, _ in batch)
+            s = _FirstToken()
+            outs = await asyncio.to_thread(self.gen.generate, prompts, longest, s)
+            for (r, fut), toks in zip(batch, outs, strict=True):
+                end = time.perf_counter()
+                fut.set_result((s.at or end, end, self.gen.useful(toks, r.max_tokens)))
+
+    async def serve(self, r: Req) -> Obs:
+        if self.task is None:
+            self.task = asyncio.create_task(self.run())
+        t0 = time.perf_counter()
+        fut: asyncio.Future[tuple[float, float, int]] = asyncio.get_running_loop().create_future()
+        self.pending.append((r, fut))
+        self.kick.set()
+        first, end, n = await fut
+        return Obs(first - t0, end - t0, n)
+
+    async def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            try:
+                await self.task
+            except asyncio.CancelledError:
+                pass
+
+
+def ceiling(gen: Generator, reqs: list[Req], batch: int) -> Figures:
+    prompts = [gen.encode(r) for r in reqs[:batch]]
+    t0 = time.perf_counter()
+    s = _FirstToken()
+    outs = gen.generate(prompts, 128, s, min_new=128)
+    wall = time.perf_counter() - t0
+    computed = sum(len(o) for o in outs)
+    return Figures("ceiling", "one batch", batch, computed, wall, computed / wall,
+                   (s.at or t0) - t0, (s.at or t0) - t0, wall, wall)
+
+
+async def lone_ttft(batcher: Batcher, gen: Generator, req: Req, repeats: int) -> dict[str, float]:
+    """One request alone: our first-token time against a lone ``generate``'s."""
+    ours, theirs = [], []
+    serve = batcher_serve(batcher)
+    short = Req(req.messages, 4)
+    for _ in range(repeats):
+        ours.append((await serve(short)).ttft)
+        theirs.append(gen.one(short).ttft)
+    a, b = statistics.median(ours), statistics.median(theirs)
+    return {"batcher_ttft_s": a, "generate_ttft_s": b, "ratio": a / b}
+
+
+# -- main -----------------------------------------------------------------------------------------
+async def main(args: argparse.Namespace) -> None:
+    n = 16 if args.quick else args.prompts
+    n_base = 6 if args.quick else args.baseline_prompts
+    n_poisson = 6 if args.quick else args.poisson_prompts
+    reqs = workload(max(n, 32))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240
+    print(f"dtype={args.dtype} torch threads={torch.get_num_threads()} "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} load average={os.getloadavg()}")
+    backend = HFBackend(dtype=args.dtype)
+    results: list[Figures] = []
+    extra: dict[str, Any] = {}
+    async with Batcher(backend, BatchConfig(max_batch_size=args.concurrency)) as batcher:
+        serve = batcher_serve(batcher)
+        await serve(Req(reqs[0].messages, 2))  # warm up
+        gen = Generator(backend)
+        extra["lone"] = await lone_ttft(batcher, gen, reqs[1], 3 if args.quick else 5)
+        print("lone request:", extra["lone"])
+        obs, wall = await closed_loop(serve, reqs[:n], args.concurrency, "batcher closed")
+        results.append(figures("batcher", f"closed c={args.concurrency}", obs, wall))
+        note(results[-1])
+        obs, wall = await poisson(serve, reqs[:n_poisson], args.rate, "batcher poisson")
+        results.append(figures("batcher", f"poisson {args.rate}/s", obs, wall))
+        note(results[-1])
+        if not args.only_batcher:
+            for name, mk in [("sequential", sequential_serve), ("threads", threads_serve)]:
+                s = mk(gen)
+                obs, wall = await closed_loop(s, reqs[:n_base], args.concurrency, f"{name} closed")
+                results.append(figures(name, f"closed c={args.concurrency}", obs, wall))
+                note(results[-1])
+                obs, wall = await poisson(s, reqs[:n_base], args.rate, f"{name} poisson")
+                results.append(figures(name, f"poisson {args.rate}/s", obs, wall))
+                note(results[-1])
+            static = StaticBatcher(gen, args.window, args.concurrency)
+            obs, wall = await closed_loop(static.serve, reqs[:n], args.concurrency, "static closed")
+            results.append(figures("static", f"closed c={args.concurrency}", obs, wall))
+            note(results[-1])
+            obs, wall = await poisson(static.serve, reqs[:n_poisson], args.rate, "static poisson")
+            results.append(figures("static", f"poisson {args.rate}/s", obs, wall))
+            note(results[-1])
+            await static.close()
+            results.append(await asyncio.to_thread(ceiling, gen, reqs, args.concurrency))
+            note(results[-1])
+        extra["batcher_stats"] = str(batcher.stats())[:2000]
+    table(results)
+    (out / f"results-{args.dtype}.json").write_text(
+        json.dumps({"args": vars(args), "results": [asdict(r) for r in results], **extra}, indent=2)
+    )
+    plot(results, extra, out / f"bench_hf-{args.dtype}.png", args.dtype)
+    print(f"wrote {out}/results-{args.dtype}.json and bench_hf-{args.dtype}.png")
+
+
+def note(r: Figures) -> None:
+    r.extra["load_average"] = os.getloadavg()[0]
+    tqdm.write(f"{r.system} {r.pattern}: {r.tokens_per_s:.1f} tok/s, TTFT p50 {r.ttft_p50:.3f} s, "
+               f"e2e p50 {r.e2e_p50:.2f} s (load average {r.extra['load_average']:.1f})")
+
+
+def table(results: list[Figures]) -> None:
+    head = (f"{'system':<11}{'pattern':<17}{'reqs':>5}{'tok/s':>8}{'TTFT p50':>10}{'p99':>8}"
+            f"{'e2e p50':>9}{'p99':>8}")
+    print(head)
+    for r in results:
+        print(f"{r.system:<11}{r.pattern:<17}{r.requests:>5}{r.tokens_per_s:>8.1f}{r.ttft_p50:>10.3f}"
+              f"{r.ttft_p99:>8.3f}{r.e2e_p50:>9.2f}{r.e2e_p99:>8.2f}")
+
+
+def plot(results: list[Figures], extra: dict[str, Any], path: Path, dtype: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5))
+    closed = [r for r in results if r.pattern.startswith(("closed", "one"))]
+    pois = [r for r in results if r.pattern.startswith("poisson")]
+    ax = axes[0]
+    ax.bar([r.system for r in closed], [r.tokens_per_s for r in closed], color="tab:blue")
+    ax.set_title(f"useful tokens/s, closed loop ({dtype})\n(ceiling: computed tokens/s of one batch)")
+    for i, r in enumerate(closed):
+        ax.text(i, r.tokens_per_s, f"{r.tokens_per_s:.0f}", ha="center", va="bottom")
+    for ax, group, title in [(axes[1], closed, "closed loop"), (axes[2], pois, "Poisson arrivals")]:
+        xs = range(len(group))
+        ax.bar([x - 0.2 for x in xs], [r.ttft_p50 for r in group], 0.4, label="TTFT p50")
+        ax.bar([x + 0.2 for x in xs], [r.ttft_p99 for r in group], 0.4, label="TTFT p99")
+        ax.plot(list(xs), [r.e2e_p50 for r in group], "k^", label="end-to-end p50")
+        ax.set_xticks(list(xs), [r.system for r in group])
+        ax.set_yscale("log")
+        ax.set_ylabel("seconds")
+        ax.set_title(f"latency, {title}")
+        ax.legend()
+    lone = extra.get("lone")
+    if lone:
+        fig.suptitle(f"SmolLM2-135M {dtype}: lone request TTFT {lone['batcher_ttft_s']*1000:.0f} ms "
+                     f"vs generate {lone['generate_ttft_s']*1000:.0f} ms ({lone['ratio']:.2f}x)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--quick", action="store_true", help="a small subset, for a fast look")
+    p.add_argument("--out", default="out/bench_hf")
+    p.add_argument("--prompts", type=int, default=64)
+    p.add_argument("--baseline-prompts", type=int, default=16)
+    p.add_argument("--poisson-prompts", type=int, default=24)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--rate", type=float, default=0.5)
+    p.add_argument("--window", type=float, default=0.05, help="static batching window, seconds")
+    p.add_argument("--only-batcher", action="store_true", help="skip the baselines")
+    return p.parse_args()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(parse()))
