@@ -2,7 +2,7 @@
 #   make demo    stream many concurrent prompts through SmolLM2 (the embedded model)
 #   make test    the whole test suite (what .ci/run runs)
 #   make serve   the OpenAI-compatible server on 127.0.0.1:8000 (SERVE_ARGS="--model fake" ...)
-#   make bench   the core overhead/efficiency benchmarks
+#   make bench   the core overhead/efficiency benchmarks; make bench-hf: SmolLM2 throughput (fp32, bf16)
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -39,6 +39,10 @@ serve: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_core.py
+
+bench-hf: $(STAMP)
+	$(BIN)/python benchmarks/bench_hf.py --dtype float32
+	$(BIN)/python benchmarks/bench_hf.py --dtype bfloat16
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check batcher adapters examples tests benchmarks
