@@ -14,7 +14,7 @@ from ._backend import BatchFunction, GenerationBackend, PrepareRequest
 from ._config import BatchConfig
 from ._engine import GenerationEngine, OneShotEngine, _failed
 from ._errors import BatcherClosed, BatcherError, InvalidRequest, Overloaded
-from ._request import GenRequest
+from ._request import GenRequest, release
 from ._stats import BatcherStats, DrainRate, Histogram
 from ._stream import TokenStream
 from ._types import (
@@ -340,11 +340,8 @@ class Batcher:
 
     # -- tokenization on the host thread -----------------------------------------------------
     def _wake_preparer(self) -> None:
-        w = self._prep_wakeup
-        if w is not None:
-            self._prep_wakeup = None
-            if not w.done():
-                w.set_result(None)
+        waiter, self._prep_wakeup = self._prep_wakeup, None
+        release(waiter)
 
     async def _prepare_loop(self) -> None:
         """Tokenize admitted requests in batches on the host thread, then queue them on their

@@ -23,7 +23,7 @@ from typing import Any
 from ._backend import BatchFunction, GenerationBackend, NewSequence, StepResult
 from ._config import BatchConfig
 from ._errors import PromptTooLong, RequestFailed
-from ._request import PREPARING, RUNNING, WAITING, GenRequest
+from ._request import PREPARING, RUNNING, WAITING, GenRequest, release
 from ._scheduler import plan
 from ._stats import DrainRate, EngineStats
 from ._types import Outcome
@@ -84,11 +84,8 @@ class _EngineBase:
         raise NotImplementedError
 
     def _wake(self) -> None:
-        w = self._wakeup
-        if w is not None:
-            self._wakeup = None
-            if not w.done():
-                w.set_result(None)
+        waiter, self._wakeup = self._wakeup, None
+        release(waiter)
 
     async def _sleep_until_woken(self, until: float | None = None) -> None:
         loop = asyncio.get_running_loop()

@@ -18,7 +18,13 @@ from ._types import Chunk, FinishReason, Outcome, Prompt, SamplingParams, Usage
 if TYPE_CHECKING:
     from ._engine import GenerationEngine
 
-__all__ = ["GenRequest"]
+__all__ = ["GenRequest", "release"]
+
+def release(waiter: asyncio.Future[None] | None) -> None:
+    """Wake whoever awaits ``waiter``, if it is still pending: how every loop-side wait ends."""
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
+
 
 # Where a request is. PREPARING: admitted, being tokenized. WAITING: in an engine's queue.
 PREPARING, WAITING, RUNNING, DONE = 0, 1, 2, 3
@@ -95,8 +101,7 @@ class GenRequest:
         self.prompt_ids = ids
         self.cost = len(ids) + self.params.max_tokens
         self.state = WAITING
-        if self._on_prepared is not None and not self._on_prepared.done():
-            self._on_prepared.set_result(None)
+        release(self._on_prepared)
 
     def push(self, ids: Sequence[int], text: str) -> None:
         """Deliver new tokens (merged with any the consumer has not taken yet)."""
@@ -120,8 +125,7 @@ class GenRequest:
         if self._timer is not None:
             self._timer.cancel()
         self.engine.on_request_end(self, was)
-        if self._on_prepared is not None and not self._on_prepared.done():
-            self._on_prepared.set_result(None)
+        release(self._on_prepared)
         self._wake()
         return True
 
@@ -141,11 +145,8 @@ class GenRequest:
         )
 
     def _wake(self) -> None:
-        w = self._waiter
-        if w is not None:
-            self._waiter = None
-            if not w.done():
-                w.set_result(None)
+        waiter, self._waiter = self._waiter, None
+        release(waiter)
 
     # -- the consumer's side ----------------------------------------------------------------
     async def wait_prepared(self) -> None:
