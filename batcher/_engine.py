@@ -258,6 +258,8 @@ class GenerationEngine(_EngineBase):
                 if r.first_token_at is None:
                     r.first_token_at = now
                     stats.ttft.observe(now - r.arrival)
+                elif n == 1:
+                    stats.itl.observe(now - r.last_token_at)
                 else:
                     gap = (now - r.last_token_at) / n
                     for _ in range(n):

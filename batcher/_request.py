@@ -159,27 +159,37 @@ class GenRequest:
 
     async def next_chunk(self) -> Chunk | None:
         """The next chunk (merging everything pending), or None after the final one."""
-        while not self._ids and not self._texts and self.state != DONE:
-            self._waiter = self._loop.create_future()
-            await self._waiter
-        return self.take_chunk()
+        while (chunk := self.take_chunk()) is None and self.state != DONE:
+            await self.wait_for_data()
+        return chunk
+
+    async def wait_for_data(self) -> None:
+        """Wait until tokens arrive or the request ends (the stream calls this only when
+        :meth:`take_chunk` found nothing, so a lagging consumer never waits)."""
+        self._waiter = self._loop.create_future()
+        await self._waiter
 
     def take_chunk(self) -> Chunk | None:
-        if self.state == DONE and self._error is not None and not self._ids and not self._texts:
-            error, self._error = self._error, None
-            raise error
-        if not self._ids and not self._texts:
+        """Everything pending, merged into one chunk (the final one carries the finish reason and
+        usage); None when nothing is pending, or nothing more will come. Once a failed request's
+        tokens are taken, raises its error (once)."""
+        if self._ids or self._texts:
+            ids, self._ids = tuple(self._ids), []
+            text = "".join(self._texts)
+            self._texts = []
             if self.state == DONE and self._finish_reason is not None:
                 reason, self._finish_reason = self._finish_reason, None
-                return Chunk("", (), reason, self.usage)
+                return Chunk(text, ids, reason, self.usage)
+            return Chunk(text, ids)
+        if self.state != DONE:
             return None
-        ids, self._ids = tuple(self._ids), []
-        text = "".join(self._texts)
-        self._texts = []
-        if self.state == DONE and self._finish_reason is not None and self._error is None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        if self._finish_reason is not None:
             reason, self._finish_reason = self._finish_reason, None
-            return Chunk(text, ids, reason, self.usage)
-        return Chunk(text, ids)
+            return Chunk("", (), reason, self.usage)
+        return None
 
     @property
     def usage(self) -> Usage:

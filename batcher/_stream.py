@@ -76,7 +76,13 @@ class TokenStream(AsyncIterator[Chunk]):
     async def _iterate(self) -> AsyncGenerator[Chunk, None]:
         req = self._request()
         try:
-            while (chunk := await req.next_chunk()) is not None:
-                yield chunk
+            while True:
+                chunk = req.take_chunk()  # everything pending, merged; raises the request's error
+                if chunk is not None:
+                    yield chunk
+                elif req.done:
+                    return
+                else:
+                    await req.wait_for_data()
         finally:
             req.cancel()  # no-op once it ended

@@ -70,7 +70,11 @@ class WorkerThread:
             self._stopping = True
             self._queue.put(None)
         await asyncio.shield(self._exited)
-        self._thread.join()
+        # The thread's last act was to post _exited: it ends within microseconds. Python has no
+        # awaitable join, and join() would block the loop for that moment, so look without
+        # blocking (is_alive never waits) and yield to the loop until it has gone.
+        while self._thread.is_alive():
+            await asyncio.sleep(0.0005)
 
     def _run(self) -> None:
         loop = self._loop
