@@ -159,7 +159,7 @@ class GenerationEngine(_EngineBase):
         if self._n_waiting == 1 or self._n_waiting >= self.config.max_batch_size:
             self._wake()
 
-    def on_request_end(self, req: GenRequest, was: int) -> None:
+    def on_request_end(self, req: GenRequest, was: int, duration: float) -> None:
         if was == PREPARING:
             self._n_preparing -= 1
         elif was == WAITING:
@@ -169,7 +169,7 @@ class GenerationEngine(_EngineBase):
             self._drop.append(req.seq_id)  # the backend still holds it: free it at the next step
             self._wake()
         assert req.outcome is not None
-        self.count(req.outcome, req._loop.time() - req.arrival)
+        self.count(req.outcome, duration)
         self._on_end()
 
     def end_all(self, outcome: Outcome, error: BaseException) -> None:

@@ -100,8 +100,7 @@ class GenRequest:
     def prepared(self, ids: tuple[int, ...]) -> None:
         self.prompt_ids = ids
         self.cost = len(ids) + self.params.max_tokens
-        self.state = WAITING
-        release(self._on_prepared)
+        release(self._on_prepared)  # the engine's enqueue() moves it to WAITING
 
     def push(self, ids: Sequence[int], text: str) -> None:
         """Deliver new tokens (merged with any the consumer has not taken yet)."""
@@ -113,10 +112,10 @@ class GenRequest:
 
     def finish(
         self, outcome: Outcome, *, reason: FinishReason | None = None, error: BaseException | None = None
-    ) -> bool:
-        """End the request, once. Returns False if it had already ended."""
+    ) -> None:
+        """End the request, once; later calls do nothing."""
         if self.state == DONE:
-            return False
+            return
         was = self.state
         self.state = DONE
         self.outcome = outcome
@@ -124,10 +123,9 @@ class GenRequest:
         self._error = error
         if self._timer is not None:
             self._timer.cancel()
-        self.engine.on_request_end(self, was)
+        self.engine.on_request_end(self, was, self._loop.time() - self.arrival)
         release(self._on_prepared)
         self._wake()
-        return True
 
     def cancel(self) -> None:
         self.finish("cancelled")
