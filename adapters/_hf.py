@@ -4,37 +4,43 @@ A :class:`~batcher.GenerationBackend` (see ``batcher/_backend.py`` for which thr
 verb). One :meth:`HFBackend.step`:
 
 1. *drop*: cancelled rows leave the KV slab (swap-remove, then trim padding columns).
-2. *decode*: the running rows advance one token, in one forward call of the whole batch: one
-   query column per row, its own position id, a per-row attention mask over the shared
-   left-padded window. The new keys/values are written in place into preallocated headroom.
-   When newcomers arrive, the decode is skipped for that one step (never two steps in a row): a
-   newcomer's first token then costs only its prefill, as with a lone ``model.generate``, and
-   the total work is unchanged (the running rows decode at the next step instead).
-3. *prefill*: the newcomers, left-padded, run forward calls that write their keys/values straight
-   into fresh rows of the slab, their prompts ending in the same column as every running row's:
-   the merge costs no copy. The chat template's fixed prefix is not recomputed (its keys/values
-   are copied in), newcomers of very different lengths are split into a few calls, and logits
-   are computed for the last position only (``_hf_prefill``).
-4. Every row's token is chosen (greedy rows in one ``argmax``, see ``_hf_sampling``), detokenized
+2. *one packed forward call* (``_hf_attention``): the running rows' last tokens and the
+   newcomers' prompts, unpadded, as one ``[1, T]`` sequence. The linear layers run one ``T``-row
+   product; attention runs per part (the decode rows together over their left-padded window of
+   the slab, each newcomer causally over its own row). New keys/values are written in place: the
+   decode rows' into column ``end``, each newcomer's into a fresh row, its prompt ending in that
+   same column, so the merge costs no copy. The chat template's fixed prefix is not recomputed
+   (its keys/values are copied in, ``_hf_prefill``), and logits are computed for each row's last
+   token only.
+3. Every row's token is chosen (greedy rows in one ``argmax``, see ``_hf_sampling``), detokenized
    incrementally (``_hf_detok``) and checked for EOS, stop strings and ``max_tokens``
    (``_hf_rows``); finished rows leave the slab at once and their memory is reused. When the batch
    empties, the slab is freed.
 
-``StepResult.computed_tokens`` counts query positions run through the model (a decode row is 1, a
-prefill row its padded length less any reused prefix) and ``padding_tokens`` the padded ones.
+So every step advances every running row, arrivals never stall them, and no position is padding.
+(An earlier design ran newcomers in prefill-only steps, left-padded into length groups: 10 % more
+steps on the benchmark's closed loop, padding waste, and no faster on this CPU, where a step's
+cost is close to proportional to the positions it computes.)
 
-Modules: ``_hf_cache`` the slab (layout, merge/filter/trim), ``_hf_prefill`` prefill planning,
-``_hf_rows`` per-sequence state, ``_hf_sampling``, ``_hf_detok``, ``_hf_fast`` (CPU: linear
-layers on oneDNN with prepacked weights), ``_hf_load`` (finding/converting/describing models, the
-embedded SmolLM2, the default dtype).
+``StepResult.computed_tokens`` counts the positions of the packed call (a decode row is 1, a
+newcomer its prompt less any reused prefix); ``padding_tokens`` is always 0.
+
+Modules: ``_hf_attention`` the packed call's plan and attention, ``_hf_cache`` the slab (layout,
+merge/filter/trim), ``_hf_prefill`` prefix reuse, ``_hf_rows`` per-sequence state,
+``_hf_sampling``, ``_hf_detok``, ``_hf_fast`` (CPU: linear layers on oneDNN with prepacked
+weights), ``_hf_load`` (finding/converting/describing models, the embedded SmolLM2, the default
+dtype).
 
 Where the time goes (SmolLM2-135M, 2-core AMX CPU, float32): a decode step is ~80 % matrix
 products, ~9 % attention, the rest elementwise ops; Python and mask building are negligible. So
 the wins were: never copying the cache per step (``DynamicCache`` cats every layer every token),
 prepacked oneDNN weights for decode steps (-35 % step time at 32 rows), no logits for prompt
 positions, not recomputing the template prefix (half of a typical chat prompt), and no padding
-waste. On a machine shared with other processes, set ``OMP_WAIT_POLICY=PASSIVE`` before torch
-loads: spinning OpenMP threads stalled a 2-thread step 3-9x.
+waste. OpenMP's wait policy is a trade-off, left to the user: with torch's default (idle threads
+spin a while before sleeping) a step is ~25 % faster on an otherwise idle machine than with
+``OMP_WAIT_POLICY=PASSIVE`` (every parallel region then wakes a sleeping thread), but on a
+machine shared with other busy processes spinning threads stall a step 3-10x: set
+``OMP_WAIT_POLICY=PASSIVE`` (before torch loads) there.
 
 KV budget: ``max_batch_tokens``
 -------------------------------
@@ -79,6 +85,7 @@ from batcher import (
     StepResult,
 )
 
+from ._hf_attention import ATTENTION, NewRow, StepPlan, prefix_mask
 from ._hf_cache import KVSlab, SlabCache
 from ._hf_fast import pack_linears
 from ._hf_load import (
@@ -92,7 +99,7 @@ from ._hf_load import (
     resolve_dtype,
     resolve_source,
 )
-from ._hf_prefill import PrefillGroup, chat_prefix, plan_prefill
+from ._hf_prefill import chat_prefix, prefix_skip
 from ._hf_rows import Row
 from ._hf_sampling import sample
 
@@ -160,12 +167,9 @@ class HFBackend:
         self._slab: KVSlab | None = None
         self._cache: SlabCache | None = None
         self._rows: list[Row] = []
-        self._float_mask = False
-        self._decoded_last = False
+        self._inputs: tuple[list[int], list[int]] = ([], [])  # the packed call's ids and positions
+        self._no_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
         self._prefix: list[int] = []  # the chat-template prefix whose KV is reused
-        # One extra prefill call costs about as much as this many prompt tokens (see
-        # ``_hf_prefill.length_groups``): a pass over the weights, dear on CPU, cheap on GPU.
-        self._call_cost_tokens = 24 if self.device.type == "cpu" else 64
         self.packed_linears = 0
 
     # -- the four verbs ---------------------------------------------------------------------
@@ -174,12 +178,15 @@ class HFBackend:
         from transformers import AutoModelForCausalLM
 
         kw = dict(self._load_kw, dtype=self.dtype)
-        model: Any
+        model: Any = AutoModelForCausalLM.from_pretrained(self._source, **kw)
         try:
-            model = AutoModelForCausalLM.from_pretrained(self._source, attn_implementation="sdpa", **kw)
-        except (ValueError, ImportError):  # no SDPA support: eager attention takes additive masks
-            model = AutoModelForCausalLM.from_pretrained(self._source, attn_implementation="eager", **kw)
-            self._float_mask = True
+            model.set_attn_implementation(ATTENTION)  # packed slab attention (``_hf_attention``)
+        except (ValueError, ImportError, KeyError) as exc:
+            raise InvalidRequest(
+                f"{self.model_name}: its attention cannot be replaced by HFBackend's packed slab "
+                f"attention ({exc}); use a model whose attention uses transformers' AttentionInterface",
+                field="model",
+            ) from exc
         self.model = model.to(self.device).eval()
         self.packed_linears = pack_linears(self.model)  # CPU: oneDNN prepacked weights
         text = self.model.config.get_text_config()
@@ -282,31 +289,76 @@ class HFBackend:
             self._remove({*drop})
         failed: dict[int, BaseException] = {}
         admit = [a for a in admit if not self._blame(a, failed)]
-        slab, n = self._slab, len(self._rows)
-        # Newcomers are prefilled in a step of their own (the running rows wait one step), so
-        # their first token does not also wait for a decode; never twice in a row, so a stream
-        # of arrivals cannot stall the running rows.
-        decode = n > 0 and not (admit and self._decoded_last)
-        padded = max((len(a.prompt_ids) for a in admit), default=0)
-        slab.reserve(new_rows=len(admit), left=max(0, padded - decode), right=int(decode))
-        tokens: list[int] = []
-        computed = padding = 0
-        if decode:
-            tokens += self._decode()
-            computed += n
-        self._decoded_last = decode
-        if admit:
-            first, done, padding = self._prefill(admit)
-            tokens += first
-            computed += done
-        rows = self._rows if decode else self._rows[n:]
+        if not admit and not self._rows:
+            return StepResult([], failed)
+        n = len(self._rows)
+        slab = self._slab
+        slab.reserve(
+            new_rows=len(admit), left=max((len(a.prompt_ids) for a in admit), default=1) - 1, right=1
+        )
+        plan = self._plan(admit)
+        tok, special = self._decode_tokenizer, self._special
+        self._rows += [Row.new(a.seq_id, a.prompt_ids, a.params, tok, special) for a in admit]
+        logits = self._forward(plan)  # on failure ``step`` resets everything
+        slab.end = plan.col + 1
+        slab.add_rows([len(a.prompt_ids) for a in admit])
+        for r in self._rows[:n]:
+            r.position += 1
+        tokens = sample(logits, [r.sampler for r in self._rows])
         outputs = [
-            row.advance(tok, self._eos, self.max_context) for row, tok in zip(rows, tokens, strict=True)
+            row.advance(t, self._eos, self.max_context) for row, t in zip(self._rows, tokens, strict=True)
         ]
         finished = {o.seq_id for o in outputs if o.finish_reason is not None}
         if finished:
             self._remove(finished)
-        return StepResult(outputs, failed, computed_tokens=computed, padding_tokens=padding)
+        return StepResult(outputs, failed, computed_tokens=plan.tokens)
+
+    def _plan(self, admit: Sequence[NewSequence]) -> StepPlan:
+        """Lay out the step's packed call: the decode rows' tokens, then each newcomer's prompt
+        (less the reused prefix); the decode rows write column ``end``, where prompts end too."""
+        slab = self._slab
+        assert slab is not None
+        n, col = len(self._rows), slab.end
+        decode_mask = None
+        if n:
+            slab.valid[:n, col] = True
+            decode_mask = slab.valid[:n, slab.start : col + 1].reshape(n, 1, 1, -1)
+        plan = StepPlan(n, col, slab.start, decode_mask)
+        ids = [r.last for r in self._rows]
+        pos = [r.position for r in self._rows]
+        off = n
+        for i, a in enumerate(admit):
+            length = len(a.prompt_ids)
+            skip = prefix_skip(a.prompt_ids, self._prefix)
+            q = length - skip
+            mask = prefix_mask(q, skip, self.device)
+            plan.news.append(NewRow(n + i, off, q, col + 1 - length, skip, mask))
+            ids += a.prompt_ids[skip:]
+            pos += range(skip, length)
+            off += q
+        self._inputs = (ids, pos)
+        slab.plan = plan
+        return plan
+
+    def _forward(self, plan: StepPlan) -> torch.Tensor:
+        """Run the packed call of ``plan`` (see ``_plan``); the logits of each row's last token."""
+        ids, pos = self._inputs
+        dev = self.device
+        try:
+            out = self.model(
+                input_ids=torch.tensor([ids], device=dev),
+                attention_mask=self._no_mask,  # 4-D: transformers builds no mask of its own
+                position_ids=torch.tensor([pos], device=dev),
+                past_key_values=self._cache,
+                use_cache=True,
+                logits_to_keep=torch.tensor(plan.last_positions(), device=dev),
+                slab_plan=plan,
+            )
+        finally:
+            assert self._slab is not None
+            self._slab.plan = None
+        logits: torch.Tensor = out.logits[0]
+        return logits
 
     def _blame(self, new: NewSequence, failed: dict[int, BaseException]) -> bool:
         ids = new.prompt_ids
@@ -325,47 +377,6 @@ class HFBackend:
             return True
         return False
 
-    def _decode(self) -> list[int]:
-        slab, rows = self._slab, self._rows
-        assert slab is not None
-        n, col = len(rows), slab.end
-        ids = torch.tensor([[r.last] for r in rows], device=self.device)
-        pos = torch.tensor([[r.position] for r in rows], device=self.device)
-        slab.valid[:n, col] = True
-        mask = slab.valid[:n, slab.start : col + 1].reshape(n, 1, 1, -1)
-        slab.window(0, n, slab.start, col)
-        logits = self._forward(ids, pos, mask)
-        slab.end = col + 1
-        for r in rows:
-            r.position += 1
-        return sample(logits, [r.sampler for r in rows])
-
-    def _prefill(self, admit: Sequence[NewSequence]) -> tuple[list[int], int, int]:
-        """Prefill the newcomers (see ``_hf_prefill``): their first tokens, the positions
-        computed and how many of them were padding."""
-        tokens: list[int] = []
-        computed = padding = 0
-        for group in plan_prefill(admit, self._prefix, self._call_cost_tokens):
-            tokens += self._prefill_group(group)
-            computed += len(group.seqs) * group.width
-            padding += group.padding
-        return tokens, computed, padding
-
-    def _prefill_group(self, group: PrefillGroup) -> list[int]:
-        slab = self._slab
-        assert slab is not None
-        n, m, end = len(self._rows), len(group.seqs), slab.end
-        ids, pos, mask = group.inputs(self._pad, self.device)
-        fill = [(n + i, end - k) for i, k in enumerate(group.lengths)] if group.skip else []
-        slab.window(n, n + m, end - group.skip - group.width, end - group.width, fill)
-        # One unpadded prompt, nothing reused: no mask, attention takes its fast causal path.
-        logits = self._forward(ids, pos, None if m == 1 and not group.skip else mask)
-        slab.window(0, 0, 0, 0)
-        slab.add_rows(group.lengths)
-        tok, special = self._decode_tokenizer, self._special
-        self._rows += [Row.new(a.seq_id, a.prompt_ids, a.params, tok, special) for a in group.seqs]
-        return sample(logits, [r.sampler for r in self._rows[n:]])
-
     def _build_prefix(self) -> None:
         """Compute the keys/values of the chat template's fixed prefix once (``_hf_prefill``)."""
         slab = self._slab
@@ -374,31 +385,14 @@ class HFBackend:
         if not prefix:
             return
         p = len(prefix)
-        slab.reserve(new_rows=1, left=p, right=0)
-        slab.window(0, 1, slab.end - p, slab.end - p)
+        slab.reserve(new_rows=1, left=p - 1, right=1)
         with torch.inference_mode():
-            ids = torch.tensor([prefix], device=self.device)
-            self._forward(ids, torch.arange(p, device=self.device).unsqueeze(0), None)
-        slab.prefix_keys = [k[0, :, slab.end - p : slab.end].clone() for k in slab.keys]
-        slab.prefix_values = [v[0, :, slab.end - p : slab.end].clone() for v in slab.values]
+            self._forward(self._plan([NewSequence(-1, prefix, SamplingParams(max_tokens=1))]))
+        cols = slice(slab.end + 1 - p, slab.end + 1)
+        slab.prefix_keys = [k[0, :, cols].clone() for k in slab.keys]
+        slab.prefix_values = [v[0, :, cols].clone() for v in slab.values]
         slab.free()
         self._prefix = prefix
-
-    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        if mask is not None and self._float_mask:
-            mask = torch.zeros(mask.shape, dtype=self.dtype, device=self.device).masked_fill_(
-                ~mask, torch.finfo(self.dtype).min
-            )
-        out = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=pos,
-            past_key_values=self._cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        logits: torch.Tensor = out.logits[:, -1, :]
-        return logits
 
     def _remove(self, seq_ids: set[int]) -> None:
         assert self._slab is not None
@@ -415,30 +409,35 @@ class HFBackend:
             self._slab.free()
 
     def _warm_up(self) -> None:
-        """Run a tiny prefill + decode through the slab; refuse a model it does not fit."""
+        """Run a prefill, then a decode packed with a second prefill, through the slab; refuse a
+        model whose layers do not all write through the cache and attend with the plan."""
         assert self._slab is not None
-        calls = [0]
-        original = self._slab.update
+        plans: list[StepPlan] = []
+        forward = self._forward
 
-        def counting(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            calls[0] += 1
-            return original(layer, k, v)
+        def recording(plan: StepPlan) -> torch.Tensor:
+            plans.append(plan)
+            return forward(plan)
 
-        self._slab.update = counting  # type: ignore[method-assign]
-        eos, self._eos = self._eos, frozenset()  # the warm-up sequence must not stop early
+        self._forward = recording  # type: ignore[method-assign]
+        eos, self._eos = self._eos, frozenset()  # the warm-up sequences must not stop early
+        pad = self._pad
         try:
             with torch.inference_mode():
-                self._step([NewSequence(-1, [self._pad, self._pad], SamplingParams(max_tokens=2))], ())
-                self._step((), ())
+                self._step([NewSequence(-1, [pad, pad], SamplingParams(max_tokens=3))], ())
+                self._step([NewSequence(-2, [pad, pad, pad], SamplingParams(max_tokens=3))], ())
         finally:
-            self._slab.update = original  # type: ignore[method-assign]
+            del self._forward
             self._eos = eos
             self._reset()
-        if calls[0] != 2 * self._slab.layers:
+        layers = self._slab.layers
+        seen = [(p.updates, p.attended) for p in plans]
+        if seen != [(layers, layers)] * 2:
             raise InvalidRequest(
-                f"{self.model_name}: its attention does not use a standard per-layer KV cache "
-                f"({calls[0]} cache updates for {self._slab.layers} layers x 2 steps), so HFBackend "
-                "cannot batch it continuously: use a model with plain full attention",
+                f"{self.model_name}: its layers do not all use a per-layer KV cache and transformers' "
+                f"AttentionInterface ((cache writes, attention calls) per step: {seen}, expected "
+                f"{layers} each), so HFBackend cannot batch it continuously: use a model with plain "
+                "full attention",
                 field="model",
             )
 

@@ -16,8 +16,9 @@ window has, or rows run out; then the live window is copied once.
 
 Continuous batching on the slab (the TGI ``CausalLMBatch`` filter/concatenate design, in place):
 
-* *merge*: newcomers are prefilled together straight into rows ``n .. n+m-1``, their prompts
-  ending at column ``end-1`` like everyone else's. No copy.
+* *merge*: newcomers are prefilled in the same forward call as the decode rows (``_hf_attention``)
+  straight into rows ``n .. n+m-1``, their prompts ending in the column the decode rows write.
+  No copy.
 * *filter*: a finished or cancelled row is replaced by the last live row (one row copy).
 * *trim*: ``start`` becomes the smallest ``first[r]`` of the remaining rows, so padding columns
   no row needs are dropped from attention for free.
@@ -34,6 +35,8 @@ from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
+
+from ._hf_attention import StepPlan
 
 __all__ = ["KVSlab", "SlabCache"]
 
@@ -61,12 +64,10 @@ class KVSlab:
         self.end = 0  # next column to write
         self.first: list[int] = []  # first real column of each live row
         self.relayouts = 0  # how many times the slab was reallocated (for tests)
-        # The window the next forward reads and writes (set by ``window``).
-        self._r0 = self._r1 = self._read = self._write = 0
-        # The shared prompt prefix (per layer [kv_heads, p, head_dim]) and where to copy it.
+        self.plan: StepPlan | None = None  # where the tokens of the forward call now running go
+        # The shared chat-template prefix, per layer [kv_heads, p, head_dim].
         self.prefix_keys: list[torch.Tensor] = []
         self.prefix_values: list[torch.Tensor] = []
-        self._fill: list[tuple[int, int]] = []
 
     # -- sizes ----------------------------------------------------------------------------
     @property
@@ -152,7 +153,8 @@ class KVSlab:
         return moves
 
     def add_rows(self, prompt_lens: Sequence[int]) -> None:
-        """Claim rows for newcomers whose prompts end at column ``end-1`` (left padding)."""
+        """Claim rows for newcomers whose prompts end at column ``end-1`` (left padding): call
+        after the step's forward, once ``end`` is past the column it wrote."""
         n, m = self.rows, len(prompt_lens)
         self.valid[n : n + m] = False
         for i, length in enumerate(prompt_lens):
@@ -161,30 +163,26 @@ class KVSlab:
         self.rows = n + m
         self.start = min(self.first)
 
-    # -- the window of one forward ----------------------------------------------------------
-    def window(
-        self, r0: int, r1: int, read: int, write: int, fill: Sequence[tuple[int, int]] = ()
-    ) -> None:
-        """The next forward runs rows ``r0:r1``, writes its new keys at column ``write`` onward
-        and attends to columns ``read`` up to the last written one. ``fill`` lists ``(row,
-        column)`` places where the shared prefix goes: it is copied there after each layer's
-        write (a padding query's write may land on a row's prefix columns)."""
-        self._r0, self._r1, self._read, self._write = r0, r1, read, write
-        self._fill = list(fill)
-
+    # -- one packed forward call ----------------------------------------------------------
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        r0, r1, w = self._r0, self._r1, self._write
-        w1 = w + k.shape[2]
+        """Write the call's new keys/values ``[1, kv_heads, T, dim]`` where the plan says (decode
+        rows at column ``col``; each newcomer's queries ending at ``col``, its reused prefix
+        before them); return the whole layer (attention slices it, see ``_hf_attention``)."""
+        plan = self.plan
+        assert plan is not None, "KVSlab.update outside a planned step"
+        plan.updates += 1
         kb, vb = self.keys[layer], self.values[layer]
-        kb[r0:r1, :, w:w1] = k
-        vb[r0:r1, :, w:w1] = v
-        if self._fill:
-            pk, pv = self.prefix_keys[layer], self.prefix_values[layer]
-            p = pk.shape[1]
-            for row, col in self._fill:
-                kb[row, :, col : col + p] = pk
-                vb[row, :, col : col + p] = pv
-        return kb[r0:r1, :, self._read : w1], vb[r0:r1, :, self._read : w1]
+        n, col = plan.n, plan.col
+        if n:
+            kb[:n, :, col] = k[0, :, :n].transpose(0, 1)
+            vb[:n, :, col] = v[0, :, :n].transpose(0, 1)
+        for r in plan.news:
+            kb[r.row, :, col + 1 - r.q : col + 1] = k[0, :, r.off : r.off + r.q]
+            vb[r.row, :, col + 1 - r.q : col + 1] = v[0, :, r.off : r.off + r.q]
+            if r.skip:
+                kb[r.row, :, r.first : r.first + r.skip] = self.prefix_keys[layer]
+                vb[r.row, :, r.first : r.first + r.skip] = self.prefix_values[layer]
+        return kb, vb
 
 
 class _SlabLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]
@@ -209,7 +207,8 @@ class _SlabLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]
         return self.get_seq_length() + query_length, 0
 
     def get_seq_length(self) -> int:
-        return self.slab._write - self.slab._read
+        plan = self.slab.plan
+        return 0 if plan is None else plan.col - plan.start
 
     def get_max_length(self) -> int:
         return -1

@@ -27,7 +27,7 @@ __all__ = ["MAX_PACKED_BYTES", "pack_linears"]
 MAX_PACKED_BYTES = 4 << 30
 _FEW_ROWS = 4  # below this many rows the plain (memory-bound) path is as fast
 _BATCH_HINT = 32  # the row count oneDNN chooses its weight layout for
-_SMALL = 64  # prefills of at most this many rows (all sequences together) take the packed path
+_SMALL = 64  # calls of at most this many positions (all sequences together) take the packed path
 
 
 class PackedLinear(torch.nn.Module):
@@ -42,11 +42,11 @@ class PackedLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # oneDNN caches one primitive per input shape, so the packed path takes a bounded set of
-        # shapes: decode steps ([rows, 1, features]) and small prefills (at most _SMALL rows in
-        # all). Prefill shapes vary without end (RSS crept up ~50 MB per 1,000 requests when
-        # every prefill used this path).
+        # shapes: packed calls of at most _SMALL positions ([1, T, features], see
+        # ``_hf_attention``). Call sizes vary without end (RSS crept up ~50 MB per 1,000 requests
+        # when every prefill used this path).
         rows = x.numel() // self.in_features
-        if rows >= _FEW_ROWS and x.dim() == 3 and (x.shape[1] == 1 or rows <= _SMALL):
+        if _FEW_ROWS <= rows <= _SMALL:
             out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
             return out
         return F.linear(x, self.weight, self.bias)

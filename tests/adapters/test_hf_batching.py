@@ -10,7 +10,6 @@ import psutil
 import pytest
 import torch
 from batcher.adapters._hf import HFBackend
-from batcher.adapters._hf_prefill import length_groups
 
 from batcher import InvalidRequest, NewSequence, SamplingParams
 
@@ -47,12 +46,13 @@ def test_each_step_yields_one_token_per_running_sequence(tiny: HFBackend) -> Non
 
     assert step([NewSequence(1, [500, 600, 700], greedy(9))]) == [(1, 1)]
     assert step([]) == [(1, 1)]
-    # A prefill step: only the newcomer advances (its first token waits for no decode) ...
-    assert step([NewSequence(2, [800] * 9, greedy(9))]) == [(2, 1)]
-    # ... but never twice in a row: a stream of arrivals cannot stall the running rows.
-    assert step([NewSequence(3, [900], greedy(9))]) == [(1, 1), (2, 1), (3, 1)]
-    assert step([]) == [(1, 1), (2, 1), (3, 1)]
-    tiny.step([], [1, 2, 3])
+    # Newcomers ride in the same forward call as the decode rows: arrivals never stall them.
+    assert step([NewSequence(2, [800] * 9, greedy(9))]) == [(1, 1), (2, 1)]
+    assert step([NewSequence(3, [900], greedy(9)), NewSequence(4, [901, 902], greedy(9))]) == [
+        (1, 1), (2, 1), (3, 1), (4, 1)
+    ]
+    assert step([]) == [(1, 1), (2, 1), (3, 1), (4, 1)]
+    tiny.step([], [1, 2, 3, 4])
 
 
 def test_padding_columns_are_trimmed_when_the_long_row_leaves(tiny: HFBackend) -> None:
@@ -77,14 +77,14 @@ def test_newcomer_longer_than_the_window_relayouts_the_slab(tiny: HFBackend) -> 
     assert results[2].tokens == solo_greedy(tiny, b.prompt_ids, 10)
 
 
-def test_computed_and_padding_tokens(tiny: HFBackend) -> None:
+def test_computed_tokens_are_the_packed_positions_with_no_padding(tiny: HFBackend) -> None:
     a = NewSequence(1, [500] * 10, greedy(3))
     b = NewSequence(2, [600] * 7, greedy(3))
-    res = tiny.step([a, b], [])  # one padded prefill call: 2 x 10 positions, 3 of them padding
-    assert (res.computed_tokens, res.padding_tokens) == (20, 3)
-    res = tiny.step([], [])
-    assert (res.computed_tokens, res.padding_tokens) == (2, 0)
-    tiny.step([], [1, 2])
+    res = tiny.step([a, b], [])  # one packed call: 10 + 7 prompt positions, none of them padding
+    assert (res.computed_tokens, res.padding_tokens) == (17, 0)
+    res = tiny.step([NewSequence(3, [700] * 4, greedy(3))], [])  # 2 decode rows + 4 prompt tokens
+    assert (res.computed_tokens, res.padding_tokens) == (6, 0)
+    tiny.step([], [1, 2, 3])
 
 
 def test_chat_prompts_reuse_the_template_prefix_and_match_solo_generate(tiny: HFBackend) -> None:
@@ -99,15 +99,6 @@ def test_chat_prompts_reuse_the_template_prefix_and_match_solo_generate(tiny: HF
     assert steps[0].computed_tokens < sum(len(p) for p in ids[:3])  # the prefix was not recomputed
     for s in seqs:
         assert results[s.seq_id].tokens == solo_greedy(tiny, s.prompt_ids, 12)
-
-
-def test_length_groups_split_very_different_prompts() -> None:
-    def seq(i: int, n: int) -> NewSequence:
-        return NewSequence(i, [1] * n, greedy(1))
-
-    groups = length_groups([seq(0, 500), seq(1, 10), seq(2, 12), seq(3, 11)], 0, call_cost=24)
-    assert [[s.seq_id for s in g] for g in groups] == [[1, 3, 2], [0]]
-    assert len(length_groups([seq(0, 10), seq(1, 12)], 0, call_cost=24)) == 1
 
 
 def test_seeded_sampling_ignores_batch_companions(tiny: HFBackend) -> None:
