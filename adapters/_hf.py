@@ -57,11 +57,11 @@ Precision
 float32: each sequence's greedy tokens equal its solo ``model.generate(do_sample=False)`` tokens
 from plain transformers, whatever shares the batch, when it arrives, whoever is cancelled (the
 tests check 18 SmolLM2 prompts token for token); a seeded sampled sequence draws the same tokens
-alone or in a crowd. bfloat16/float16: padding, batch shape and the reused prefix change rounding,
-so a greedy output may leave its solo run's path after a near-tie, and a seeded sample may differ
-with its companions at a near-boundary draw. What holds in every dtype: each sequence's tokens
-come only from its own prompt (no cross-talk), a given batch schedule is deterministic, EOS /
-stop strings / ``max_tokens`` / UTF-8-safe text behave the same.
+alone or in a crowd. bfloat16/float16: the shape of each call (who shares it) and the reused
+prefix change rounding, so a greedy output may leave its solo run's path after a near-tie, and a
+seeded sample may differ with its companions at a near-boundary draw. What holds in every
+dtype: each sequence's tokens come only from its own prompt (no cross-talk), a given batch
+schedule is deterministic, EOS / stop strings / ``max_tokens`` / UTF-8-safe text behave the same.
 """
 
 from __future__ import annotations

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -114,7 +113,6 @@ def _q(xs: list[float], q: float) -> float:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see adapters/_cli.py
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model folder, hub id or .gguf (default: embedded SmolLM2)")
     ap.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
