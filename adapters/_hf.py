@@ -167,7 +167,6 @@ class HFBackend:
         self._slab: KVSlab | None = None
         self._cache: SlabCache | None = None
         self._rows: list[Row] = []
-        self._inputs: tuple[list[int], list[int]] = ([], [])  # the packed call's ids and positions
         self._no_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
         self._prefix: list[int] = []  # the chat-template prefix whose KV is reused
         self.packed_linears = 0
@@ -324,8 +323,9 @@ class HFBackend:
             slab.valid[:n, col] = True
             decode_mask = slab.valid[:n, slab.start : col + 1].reshape(n, 1, 1, -1)
         plan = StepPlan(n, col, slab.start, decode_mask)
-        ids = [r.last for r in self._rows]
-        pos = [r.position for r in self._rows]
+        ids, pos = plan.ids, plan.positions
+        ids += [r.last for r in self._rows]
+        pos += [r.position for r in self._rows]
         off = n
         for i, a in enumerate(admit):
             length = len(a.prompt_ids)
@@ -336,19 +336,17 @@ class HFBackend:
             ids += a.prompt_ids[skip:]
             pos += range(skip, length)
             off += q
-        self._inputs = (ids, pos)
         slab.plan = plan
         return plan
 
     def _forward(self, plan: StepPlan) -> torch.Tensor:
         """Run the packed call of ``plan`` (see ``_plan``); the logits of each row's last token."""
-        ids, pos = self._inputs
         dev = self.device
         try:
             out = self.model(
-                input_ids=torch.tensor([ids], device=dev),
+                input_ids=torch.tensor([plan.ids], device=dev),
                 attention_mask=self._no_mask,  # 4-D: transformers builds no mask of its own
-                position_ids=torch.tensor([pos], device=dev),
+                position_ids=torch.tensor([plan.positions], device=dev),
                 past_key_values=self._cache,
                 use_cache=True,
                 logits_to_keep=torch.tensor(plan.last_positions(), device=dev),

@@ -64,8 +64,10 @@ class StepPlan:
     start: int
     decode_mask: torch.Tensor | None
     news: list[NewRow] = field(default_factory=list)
-    updates: int = 0  # cache writes and attention calls seen (the warm-up checks them)
-    attended: int = 0
+    ids: list[int] = field(default_factory=list)  # the call's input ids and position ids
+    positions: list[int] = field(default_factory=list)
+    updates: int = 0  # cache writes seen (the warm-up checks them) ...
+    attended: int = 0  # ... and attention calls
 
     @property
     def tokens(self) -> int:
