@@ -62,6 +62,12 @@ class PrepareRequest:
     prompt: Prompt
     params: SamplingParams
 
+    def __init__(self, prompt: Prompt, params: SamplingParams) -> None:
+        # One per request on the loop's hot path: set the slots directly (a frozen dataclass's
+        # generated __init__ goes through object.__setattr__, twice as slow).
+        _set_prepare_prompt(self, prompt)
+        _set_prepare_params(self, params)
+
 
 @dataclass(frozen=True, slots=True)
 class PreparedPrompt:
@@ -77,6 +83,20 @@ class NewSequence:
     seq_id: int
     prompt_ids: Sequence[int]
     params: SamplingParams
+
+    def __init__(self, seq_id: int, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        # One per admitted request on the loop's hot path: see PrepareRequest.__init__.
+        _set_new_id(self, seq_id)
+        _set_new_prompt(self, prompt_ids)
+        _set_new_params(self, params)
+
+
+# The slots' own setters: they bypass the frozen __setattr__ (only the __init__s above use them).
+_set_prepare_prompt = PrepareRequest.__dict__["prompt"].__set__
+_set_prepare_params = PrepareRequest.__dict__["params"].__set__
+_set_new_id = NewSequence.__dict__["seq_id"].__set__
+_set_new_prompt = NewSequence.__dict__["prompt_ids"].__set__
+_set_new_params = NewSequence.__dict__["params"].__set__
 
 
 @dataclass(slots=True)

@@ -6,6 +6,15 @@ drop (cancelled, expired), and fans the step's tokens out to each request's mail
 runs on the device thread the loop keeps admitting, tokenizing (on the host thread) and delivering,
 so the next plan is ready when the step returns.
 
+When steps are very short (under ``_PIPELINE_BELOW_S``: a fast backend, or a tiny model on a GPU),
+the engine keeps a second step queued on the device thread: the thread starts it the moment it
+posts the previous result, instead of sleeping until the loop has delivered that result and sent
+the next plan (each such sleep and wake-up costs tens of microseconds on a VM, as much as a short
+step). The price is one step of lag: a slot freed by a sequence finishing in step N is refilled
+in step N+2, and a consumer may receive two steps' tokens in one chunk. Slow steps (any real model
+on a CPU) are never pipelined, so there the next plan always sees the last step's outcome. A
+pipelined step that could only carry sequences certain to have finished is not sent.
+
 :class:`OneShotEngine` serves a batch function ``list[In] -> list[Out]``: it waits at most
 ``batch_window_s`` (from the oldest item's arrival) to fill ``max_batch_size`` items, then runs them.
 
@@ -22,7 +31,7 @@ from typing import Any
 
 from ._backend import BatchFunction, GenerationBackend, NewSequence, StepResult
 from ._config import BatchConfig
-from ._errors import PromptTooLong, RequestFailed
+from ._errors import BatcherError, PromptTooLong, RequestFailed
 from ._request import PREPARING, RUNNING, WAITING, GenRequest, release
 from ._scheduler import plan
 from ._stats import DrainRate, EngineStats
@@ -30,6 +39,10 @@ from ._types import Outcome
 from ._worker import WorkerThread
 
 __all__ = ["GenerationEngine", "OneShotEngine"]
+
+#: Steps shorter than this are pipelined (see the module doc): below it the two thread wake-ups
+#: of a hand-off (tens of microseconds each on a virtual machine) are a noticeable share of a step.
+_PIPELINE_BELOW_S = 0.002
 
 
 def _failed(message: str, cause: BaseException) -> RequestFailed:
@@ -124,6 +137,7 @@ class GenerationEngine(_EngineBase):
         self._running: dict[int, GenRequest] = {}
         self._reserved = 0
         self._drop: list[int] = []
+        self._last_busy = 1.0
 
     @property
     def queue_depth(self) -> int:
@@ -180,25 +194,40 @@ class GenerationEngine(_EngineBase):
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         window = self.config.batch_window_s
+        in_flight: deque[tuple[asyncio.Future[tuple[StepResult, float]], int]] = deque()
         while True:
-            if not self._running and not self._n_waiting:
-                if self._drop:
-                    await self._step([], loop)
+            if not self._running and not self._n_waiting and not self._drop:
+                if in_flight:
+                    await self._complete(*in_flight.popleft(), loop)
                 elif self._stopping and not self._n_preparing:
                     return
                 else:
                     await self._sleep_until_woken()
                 continue
+            if in_flight and len(in_flight) >= (2 if self._last_busy < _PIPELINE_BELOW_S else 1):
+                await self._complete(*in_flight.popleft(), loop)
+                continue
             if (
                 not self._running
+                and not in_flight
                 and window > 0
                 and not self._stopping
                 and self._n_waiting < self.config.max_batch_size
             ):
                 await self._sleep_until_woken(loop.time() + window)
             admit = self._plan(loop.time())
-            if admit or self._running or self._drop:
-                await self._step(admit, loop)
+            if admit or self._drop or self._outlives(len(in_flight)):
+                in_flight.append(self._submit(admit))
+            elif in_flight:
+                await self._complete(*in_flight.popleft(), loop)
+            else:  # waiting requests none of which can be admitted yet: never spin
+                await self._sleep_until_woken(loop.time() + window + 0.001)
+
+    def _outlives(self, steps: int) -> bool:
+        """Whether some running sequence may still need a step after the ``steps`` in flight
+        (counting one token per step; a sequence that ends earlier, on EOS or a stop string,
+        only makes a pipelined step carry less)."""
+        return any(r.produced + steps < r.params.max_tokens for r in self._running.values())
 
     def _plan(self, now: float) -> list[GenRequest]:
         free_tokens = None if self.token_budget is None else self.token_budget - self._reserved
@@ -223,15 +252,25 @@ class GenerationEngine(_EngineBase):
         self._drain.record(now, len(admit))
         return admit
 
-    async def _step(self, admit: list[GenRequest], loop: asyncio.AbstractEventLoop) -> None:
+    def _submit(self, admit: list[GenRequest]) -> tuple[asyncio.Future[tuple[StepResult, float]], int]:
         news = [NewSequence(r.seq_id, r.prompt_ids, r.params) for r in admit]
         drop, self._drop = self._drop, []
-        batch = len(self._running)
         try:
-            result, busy = await self.worker.submit(_timed_step, self.backend, news, drop)
+            fut = self.worker.submit(_timed_step, self.backend, news, drop)
+        except BatcherError as e:  # the thread is gone: _complete fails the step's sequences
+            fut = asyncio.get_running_loop().create_future()
+            fut.set_exception(e)
+        return fut, len(self._running)
+
+    async def _complete(
+        self, fut: asyncio.Future[tuple[StepResult, float]], batch: int, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        try:
+            result, busy = await fut
         except Exception as e:
             self._fail_running(e, batch)
             return
+        self._last_busy = busy
         now = loop.time()
         stats = self.stats
         stats.steps += 1

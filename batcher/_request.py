@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = ["GenRequest", "release"]
 
+
 def release(waiter: asyncio.Future[None] | None) -> None:
     """Wake whoever awaits ``waiter``, if it is still pending: how every loop-side wait ends."""
     if waiter is not None and not waiter.done():

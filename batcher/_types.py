@@ -164,6 +164,12 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
 
+    def __init__(self, prompt_tokens: int, completion_tokens: int) -> None:
+        # Built for every finished stream: set the slots directly (the generated __init__ of a
+        # frozen dataclass goes through object.__setattr__, twice as slow).
+        _set_usage_prompt(self, prompt_tokens)
+        _set_usage_completion(self, completion_tokens)
+
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
@@ -182,6 +188,28 @@ class Chunk:
     token_ids: tuple[int, ...]
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+
+    def __init__(
+        self,
+        text: str,
+        token_ids: tuple[int, ...],
+        finish_reason: FinishReason | None = None,
+        usage: Usage | None = None,
+    ) -> None:
+        # One per delivered chunk, on the loop's hot path: see Usage.__init__.
+        _set_chunk_text(self, text)
+        _set_chunk_ids(self, token_ids)
+        _set_chunk_reason(self, finish_reason)
+        _set_chunk_usage(self, usage)
+
+
+# The slots' own setters: they bypass the frozen __setattr__ (only the __init__s above use them).
+_set_usage_prompt = Usage.__dict__["prompt_tokens"].__set__
+_set_usage_completion = Usage.__dict__["completion_tokens"].__set__
+_set_chunk_text = Chunk.__dict__["text"].__set__
+_set_chunk_ids = Chunk.__dict__["token_ids"].__set__
+_set_chunk_reason = Chunk.__dict__["finish_reason"].__set__
+_set_chunk_usage = Chunk.__dict__["usage"].__set__
 
 
 @dataclass(frozen=True, slots=True)

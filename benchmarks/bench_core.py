@@ -1,6 +1,6 @@
 """Core benchmarks: the batcher's own overhead, and its batching efficiency. Prints figures.
 
-    .venv/bin/python benchmarks/bench_core.py [--loop uvloop|asyncio] [--seconds 3]
+    .venv/bin/python benchmarks/bench_core.py [--loop uvloop|asyncio] [--seconds 3] [--pin-cpu N]
 
 (a) Overhead with a zero-cost backend (32 concurrent callers):
     one-shot ``infer`` requests/s; one-token streaming requests/s; per-token delivery cost with 32
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import time
 from collections.abc import Awaitable, Callable
@@ -244,7 +245,17 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
     ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument(
+        "--pin-cpu",
+        type=int,
+        metavar="N",
+        help="diagnostic: run every thread on CPU N, so no hand-off has to wake a sleeping CPU "
+        "(on a VM without halt polling each such wake-up costs tens of microseconds)",
+    )
     args = ap.parse_args()
+    if args.pin_cpu is not None:
+        os.sched_setaffinity(0, {args.pin_cpu})  # before any thread exists: they all inherit it
+        print(f"diagnostic run: every thread pinned to CPU {args.pin_cpu}")
     if args.loop == "uvloop":
         import uvloop
 

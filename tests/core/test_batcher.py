@@ -12,6 +12,7 @@ from batcher import (
     BatchConfig,
     Batcher,
     BatcherClosed,
+    Chunk,
     DeadlineExceeded,
     FakeBackend,
     InvalidRequest,
@@ -40,7 +41,7 @@ async def wait_until(cond, timeout: float = 5.0) -> None:  # type: ignore[no-unt
 
 
 async def test_stream_delivers_the_backends_tokens_then_a_final_chunk() -> None:
-    fb = fake()
+    fb = fake(step_time_s=0.003)  # slower than the pipelining threshold: one chunk per step
     async with Batcher(fb, FAST) as b:
         chunks = [c async for c in b.stream("hello there", max_tokens=4)]
     assert [c.finish_reason for c in chunks] == [None, None, None, "length"]
@@ -49,6 +50,30 @@ async def test_stream_delivers_the_backends_tokens_then_a_final_chunk() -> None:
     assert "".join(c.text for c in chunks) == "".join(fb.token_text(i) for i in ids)
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 4
     assert chunks[-1].usage.prompt_tokens == 2
+
+
+async def test_fast_steps_are_pipelined_and_streams_stay_exact() -> None:
+    """With near-zero step times the engine keeps a second step queued on the device thread; a
+    stream may then get two steps' tokens in one chunk, but every token arrives once, in order,
+    and only the last chunk carries the finish reason."""
+    fb = fake()
+    prompts = [f"stream number {i}" for i in range(24)]
+    async with Batcher(fb, FAST) as b:
+
+        async def consume(p: str) -> list[Chunk]:
+            return [c async for c in b.stream(p, max_tokens=40)]
+
+        results = await asyncio.gather(*(consume(p) for p in prompts))
+        steps = b.stats().steps
+    for p, chunks in zip(prompts, results, strict=True):
+        assert [c.finish_reason for c in chunks][-1] == "length"
+        assert all(c.finish_reason is None and c.token_ids for c in chunks[:-1])
+        ids = [i for c in chunks for i in c.token_ids]
+        assert ids == fb.expected_tokens(p, SamplingParams(max_tokens=40))
+        assert "".join(c.text for c in chunks) == "".join(fb.token_text(i) for i in ids)
+    # 40 steps produce the tokens; a few more may carry late arrivals or drops, never a runaway
+    # of empty pipelined steps.
+    assert 40 <= steps < 60
 
 
 async def test_eos_and_stop_strings_end_with_stop() -> None:
