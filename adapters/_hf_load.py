@@ -17,7 +17,7 @@ Default dtype (``dtype="auto"``)
 * CPU: float32. bfloat16 is about 1.7x faster at batch 32 on CPUs with AMX/avx512-bf16, but it is
   emulated (much slower than float32) on CPUs without them, and with it left padding changes
   rounding, so outputs are no longer identical to solo runs. float32 is the safe, exact default;
-  ask for ``dtype="bfloat16"`` on a CPU that has AMX (``cpu_has_fast_bf16()`` tells).
+  ask for ``dtype="bfloat16"`` on a CPU that has AMX or avx512-bf16 (``cpu_has_fast_bf16()`` tells).
 """
 
 from __future__ import annotations

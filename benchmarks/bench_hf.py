@@ -23,6 +23,15 @@ default) so that a whole run stays under ~10 minutes per dtype; tokens/s are com
 percentiles are over their own subset. Useful tokens = generated tokens delivered to clients
 (EOS included, as ``generate`` counts it).
 
+One OpenMP team at a time. Every thread that runs a parallel torch op gets its own libgomp team,
+and once a process holds more libgomp threads than CPUs, libgomp stops spinning between parallel
+regions for *all* teams: every region then wakes a sleeping thread (measured here: a linear layer
+25 % slower while a second, idle team merely exists; the batcher's closed loop 208-221 -> 150-186
+tok/s after one lone ``generate`` ran on another thread). So the batcher is measured first, with
+only its device thread's team alive, and closed before the baselines, which all run on one
+dedicated thread (one team); thread-per-request, which makes a team per pool thread by its very
+nature, runs last. The lone-request comparison measures each side in its own phase.
+
 Prints a table, writes ``results-<dtype>.json`` and ``bench_hf-<dtype>.png`` to ``--out``.
 Usage::
 
@@ -38,6 +47,7 @@ from __future__ import annotations
 # OMP_WAIT_POLICY=PASSIVE (before Python starts) to compare on a busy one. The value is printed.
 import argparse
 import asyncio
+import concurrent.futures
 import json
 import os
 import random
@@ -205,6 +215,8 @@ class Generator:
         from transformers import AutoModelForCausalLM
 
         self.model = AutoModelForCausalLM.from_pretrained(backend._source, dtype=backend.dtype).eval()
+        # The one thread the sequential, static and ceiling baselines run on (one OpenMP team).
+        self.thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="baseline")
         self.tok = backend.tokenizer
         self.pad = backend.tokenizer.pad_token_id
         self.ids = {}
@@ -253,7 +265,7 @@ def sequential_serve(gen: Generator) -> Serve:
     async def serve(r: Req) -> Obs:
         t0 = time.perf_counter()
         async with lock:
-            o = await asyncio.to_thread(gen.one, r)
+            o = await asyncio.get_running_loop().run_in_executor(gen.thread, gen.one, r)
         return Obs(o.ttft + (time.perf_counter() - t0 - o.e2e), time.perf_counter() - t0, o.tokens)
 
     return serve
@@ -292,7 +304,8 @@ class StaticBatcher:
             prompts = [self.gen.encode(r) for r, _ in batch]
             longest = max(r.max_tokens for r, _ in batch)
             s = _FirstToken()
-            outs = await asyncio.to_thread(self.gen.generate, prompts, longest, s)
+            loop = asyncio.get_running_loop()
+            outs = await loop.run_in_executor(self.gen.thread, self.gen.generate, prompts, longest, s)
             for (r, fut), toks in zip(batch, outs, strict=True):
                 end = time.perf_counter()
                 fut.set_result((s.at or end, end, self.gen.useful(toks, r.max_tokens)))
@@ -327,16 +340,18 @@ def ceiling(gen: Generator, reqs: list[Req], batch: int) -> Figures:
                    (s.at or t0) - t0, (s.at or t0) - t0, wall, wall)
 
 
-async def lone_ttft(batcher: Batcher, gen: Generator, req: Req, repeats: int) -> dict[str, float]:
-    """One request alone: our first-token time against a lone ``generate``'s."""
-    ours, theirs = [], []
+async def lone_ttft_ours(batcher: Batcher, req: Req, repeats: int) -> float:
+    """Median first-token time of one short request alone in the batcher."""
     serve = batcher_serve(batcher)
+    return statistics.median([(await serve(Req(req.messages, 4))).ttft for _ in range(repeats)])
+
+
+async def lone_ttft_theirs(gen: Generator, req: Req, repeats: int) -> float:
+    """Median first-token time of the same request through a lone ``generate``."""
+    loop = asyncio.get_running_loop()
     short = Req(req.messages, 4)
-    for _ in range(repeats):
-        ours.append((await serve(short)).ttft)
-        theirs.append(gen.one(short).ttft)
-    a, b = statistics.median(ours), statistics.median(theirs)
-    return {"batcher_ttft_s": a, "generate_ttft_s": b, "ratio": a / b}
+    return statistics.median([(await loop.run_in_executor(gen.thread, gen.one, short)).ttft
+                              for _ in range(repeats)])
 
 
 # -- main -----------------------------------------------------------------------------------------
@@ -352,38 +367,52 @@ async def main(args: argparse.Namespace) -> None:
     backend = HFBackend(dtype=args.dtype)
     results: list[Figures] = []
     extra: dict[str, Any] = {}
+    repeats = 3 if args.quick else 5
+    # Phase 1: the batcher, with only its device thread's OpenMP team alive (see the module doc).
     async with Batcher(backend, BatchConfig(max_batch_size=args.concurrency)) as batcher:
         serve = batcher_serve(batcher)
         await serve(Req(reqs[0].messages, 2))  # warm up
-        gen = Generator(backend)
-        extra["lone"] = await lone_ttft(batcher, gen, reqs[1], 3 if args.quick else 5)
-        print("lone request:", extra["lone"])
+        ours = await lone_ttft_ours(batcher, reqs[1], repeats)
         obs, wall = await closed_loop(serve, reqs[:n], args.concurrency, "batcher closed")
         results.append(figures("batcher", f"closed c={args.concurrency}", obs, wall))
         note(results[-1])
         obs, wall = await poisson(serve, reqs[:n_poisson], args.rate, "batcher poisson")
         results.append(figures("batcher", f"poisson {args.rate}/s", obs, wall))
         note(results[-1])
-        if not args.only_batcher:
-            for name, mk in [("sequential", sequential_serve), ("threads", threads_serve)]:
-                s = mk(gen)
-                obs, wall = await closed_loop(s, reqs[:n_base], args.concurrency, f"{name} closed")
-                results.append(figures(name, f"closed c={args.concurrency}", obs, wall))
-                note(results[-1])
-                obs, wall = await poisson(s, reqs[:n_base], args.rate, f"{name} poisson")
-                results.append(figures(name, f"poisson {args.rate}/s", obs, wall))
-                note(results[-1])
-            static = StaticBatcher(gen, args.window, args.concurrency)
-            obs, wall = await closed_loop(static.serve, reqs[:n], args.concurrency, "static closed")
-            results.append(figures("static", f"closed c={args.concurrency}", obs, wall))
-            note(results[-1])
-            obs, wall = await poisson(static.serve, reqs[:n_poisson], args.rate, "static poisson")
-            results.append(figures("static", f"poisson {args.rate}/s", obs, wall))
-            note(results[-1])
-            await static.close()
-            results.append(await asyncio.to_thread(ceiling, gen, reqs, args.concurrency))
-            note(results[-1])
         extra["batcher_stats"] = str(batcher.stats())[:2000]
+    # Phase 2: plain transformers on one dedicated thread (the batcher's threads have exited).
+    gen = Generator(backend)
+    theirs = await lone_ttft_theirs(gen, reqs[1], repeats)
+    extra["lone"] = {"batcher_ttft_s": ours, "generate_ttft_s": theirs, "ratio": ours / theirs}
+    print("lone request:", extra["lone"])
+    if not args.only_batcher:
+        s = sequential_serve(gen)
+        obs, wall = await closed_loop(s, reqs[:n_base], args.concurrency, "sequential closed")
+        results.append(figures("sequential", f"closed c={args.concurrency}", obs, wall))
+        note(results[-1])
+        obs, wall = await poisson(s, reqs[:n_base], args.rate, "sequential poisson")
+        results.append(figures("sequential", f"poisson {args.rate}/s", obs, wall))
+        note(results[-1])
+        static = StaticBatcher(gen, args.window, args.concurrency)
+        obs, wall = await closed_loop(static.serve, reqs[:n], args.concurrency, "static closed")
+        results.append(figures("static", f"closed c={args.concurrency}", obs, wall))
+        note(results[-1])
+        obs, wall = await poisson(static.serve, reqs[:n_poisson], args.rate, "static poisson")
+        results.append(figures("static", f"poisson {args.rate}/s", obs, wall))
+        note(results[-1])
+        await static.close()
+        loop = asyncio.get_running_loop()
+        results.append(await loop.run_in_executor(gen.thread, ceiling, gen, reqs, args.concurrency))
+        note(results[-1])
+        # Phase 3: thread per request (many OpenMP teams: the common recipe's own cost), last.
+        s = threads_serve(gen)
+        obs, wall = await closed_loop(s, reqs[:n_base], args.concurrency, "threads closed")
+        results.append(figures("threads", f"closed c={args.concurrency}", obs, wall))
+        note(results[-1])
+        obs, wall = await poisson(s, reqs[:n_base], args.rate, "threads poisson")
+        results.append(figures("threads", f"poisson {args.rate}/s", obs, wall))
+        note(results[-1])
+    gen.thread.shutdown()
     table(results)
     (out / f"results-{args.dtype}.json").write_text(
         json.dumps({"args": vars(args), "results": [asdict(r) for r in results], **extra}, indent=2)
