@@ -57,14 +57,26 @@ async def test_fast_steps_are_pipelined_and_streams_stay_exact() -> None:
     stream may then get two steps' tokens in one chunk, but every token arrives once, in order,
     and only the last chunk carries the finish reason."""
     fb = fake()
+    lags: list[int] = []  # per step call: calls sent so far minus steps the loop has completed
+    b = Batcher(fb, FAST)
+    step = fb.step
+
+    def watched_step(admit, drop):  # type: ignore[no-untyped-def]
+        lags.append(len(lags) - b.stats().steps)
+        return step(admit, drop)
+
+    fb.step = watched_step  # type: ignore[method-assign]
     prompts = [f"stream number {i}" for i in range(24)]
-    async with Batcher(fb, FAST) as b:
+    async with b:
 
         async def consume(p: str) -> list[Chunk]:
             return [c async for c in b.stream(p, max_tokens=40)]
 
         results = await asyncio.gather(*(consume(p) for p in prompts))
         steps = b.stats().steps
+    # Pipelined: some step started before the loop had taken the previous step's result. Never
+    # more than one step ahead.
+    assert max(lags) == 1
     for p, chunks in zip(prompts, results, strict=True):
         assert [c.finish_reason for c in chunks][-1] == "length"
         assert all(c.finish_reason is None and c.token_ids for c in chunks[:-1])
