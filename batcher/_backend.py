@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from ._errors import InvalidRequest
-from ._types import FinishReason, Prompt, SamplingParams
+from ._types import FinishReason, Prompt, SamplingParams, slot_setters
 
 __all__ = [
     "BatchFunction",
@@ -91,12 +91,8 @@ class NewSequence:
         _set_new_params(self, params)
 
 
-# The slots' own setters: they bypass the frozen __setattr__ (only the __init__s above use them).
-_set_prepare_prompt = PrepareRequest.__dict__["prompt"].__set__
-_set_prepare_params = PrepareRequest.__dict__["params"].__set__
-_set_new_id = NewSequence.__dict__["seq_id"].__set__
-_set_new_prompt = NewSequence.__dict__["prompt_ids"].__set__
-_set_new_params = NewSequence.__dict__["params"].__set__
+_set_prepare_prompt, _set_prepare_params = slot_setters(PrepareRequest, "prompt", "params")
+_set_new_id, _set_new_prompt, _set_new_params = slot_setters(NewSequence, "seq_id", "prompt_ids", "params")
 
 
 @dataclass(slots=True)

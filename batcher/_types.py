@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, TypedDict
+from typing import Any, Literal, TypedDict
 
 from ._errors import InvalidRequest
 
@@ -203,13 +203,16 @@ class Chunk:
         _set_chunk_usage(self, usage)
 
 
-# The slots' own setters: they bypass the frozen __setattr__ (only the __init__s above use them).
-_set_usage_prompt = Usage.__dict__["prompt_tokens"].__set__
-_set_usage_completion = Usage.__dict__["completion_tokens"].__set__
-_set_chunk_text = Chunk.__dict__["text"].__set__
-_set_chunk_ids = Chunk.__dict__["token_ids"].__set__
-_set_chunk_reason = Chunk.__dict__["finish_reason"].__set__
-_set_chunk_usage = Chunk.__dict__["usage"].__set__
+def slot_setters(cls: type, *names: str) -> tuple[Callable[[Any, Any], None], ...]:
+    """The setters of a frozen slots dataclass's fields, which bypass its frozen ``__setattr__``:
+    for hand-written ``__init__``s on hot paths only (twice as fast as the generated one)."""
+    return tuple(cls.__dict__[name].__set__ for name in names)
+
+
+_set_usage_prompt, _set_usage_completion = slot_setters(Usage, "prompt_tokens", "completion_tokens")
+_set_chunk_text, _set_chunk_ids, _set_chunk_reason, _set_chunk_usage = slot_setters(
+    Chunk, "text", "token_ids", "finish_reason", "usage"
+)
 
 
 @dataclass(frozen=True, slots=True)

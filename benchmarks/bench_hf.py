@@ -355,6 +355,19 @@ async def lone_ttft_theirs(gen: Generator, req: Req, repeats: int) -> float:
 
 
 # -- main -----------------------------------------------------------------------------------------
+async def both_patterns(
+    system: str, serve: Serve, closed: list[Req], open_: list[Req], args: argparse.Namespace
+) -> list[Figures]:
+    """``system`` under the closed loop (on ``closed``) then Poisson arrivals (on ``open_``)."""
+    obs, wall = await closed_loop(serve, closed, args.concurrency, f"{system} closed")
+    out = [figures(system, f"closed c={args.concurrency}", obs, wall)]
+    note(out[-1])
+    obs, wall = await poisson(serve, open_, args.rate, f"{system} poisson")
+    out.append(figures(system, f"poisson {args.rate}/s", obs, wall))
+    note(out[-1])
+    return out
+
+
 async def main(args: argparse.Namespace) -> None:
     n = 16 if args.quick else args.prompts
     n_base = 6 if args.quick else args.baseline_prompts
@@ -373,12 +386,7 @@ async def main(args: argparse.Namespace) -> None:
         serve = batcher_serve(batcher)
         await serve(Req(reqs[0].messages, 2))  # warm up
         ours = await lone_ttft_ours(batcher, reqs[1], repeats)
-        obs, wall = await closed_loop(serve, reqs[:n], args.concurrency, "batcher closed")
-        results.append(figures("batcher", f"closed c={args.concurrency}", obs, wall))
-        note(results[-1])
-        obs, wall = await poisson(serve, reqs[:n_poisson], args.rate, "batcher poisson")
-        results.append(figures("batcher", f"poisson {args.rate}/s", obs, wall))
-        note(results[-1])
+        results += await both_patterns("batcher", serve, reqs[:n], reqs[:n_poisson], args)
         extra["batcher_stats"] = str(batcher.stats())[:2000]
     # Phase 2: plain transformers on one dedicated thread (the batcher's threads have exited).
     gen = Generator(backend)
@@ -386,32 +394,16 @@ async def main(args: argparse.Namespace) -> None:
     extra["lone"] = {"batcher_ttft_s": ours, "generate_ttft_s": theirs, "ratio": ours / theirs}
     print("lone request:", extra["lone"])
     if not args.only_batcher:
-        s = sequential_serve(gen)
-        obs, wall = await closed_loop(s, reqs[:n_base], args.concurrency, "sequential closed")
-        results.append(figures("sequential", f"closed c={args.concurrency}", obs, wall))
-        note(results[-1])
-        obs, wall = await poisson(s, reqs[:n_base], args.rate, "sequential poisson")
-        results.append(figures("sequential", f"poisson {args.rate}/s", obs, wall))
-        note(results[-1])
+        base = reqs[:n_base]
+        results += await both_patterns("sequential", sequential_serve(gen), base, base, args)
         static = StaticBatcher(gen, args.window, args.concurrency)
-        obs, wall = await closed_loop(static.serve, reqs[:n], args.concurrency, "static closed")
-        results.append(figures("static", f"closed c={args.concurrency}", obs, wall))
-        note(results[-1])
-        obs, wall = await poisson(static.serve, reqs[:n_poisson], args.rate, "static poisson")
-        results.append(figures("static", f"poisson {args.rate}/s", obs, wall))
-        note(results[-1])
+        results += await both_patterns("static", static.serve, reqs[:n], reqs[:n_poisson], args)
         await static.close()
         loop = asyncio.get_running_loop()
         results.append(await loop.run_in_executor(gen.thread, ceiling, gen, reqs, args.concurrency))
         note(results[-1])
         # Phase 3: thread per request (many OpenMP teams: the common recipe's own cost), last.
-        s = threads_serve(gen)
-        obs, wall = await closed_loop(s, reqs[:n_base], args.concurrency, "threads closed")
-        results.append(figures("threads", f"closed c={args.concurrency}", obs, wall))
-        note(results[-1])
-        obs, wall = await poisson(s, reqs[:n_base], args.rate, "threads poisson")
-        results.append(figures("threads", f"poisson {args.rate}/s", obs, wall))
-        note(results[-1])
+        results += await both_patterns("threads", threads_serve(gen), base, base, args)
     gen.thread.shutdown()
     table(results)
     (out / f"results-{args.dtype}.json").write_text(
