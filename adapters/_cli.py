@@ -22,14 +22,22 @@ ENV_PREFIX = "LLM_BATCHER_"
 
 # (flag, type, default, help); the destination is the flag without dashes.
 _FLAGS: tuple[tuple[str, Callable[[str], Any], Any, str], ...] = (
-    ("--model", str, None,
-     "model path or Hugging Face id; 'fake' for the fake backend; default: the embedded SmolLM2"),
+    (
+        "--model",
+        str,
+        None,
+        "model path or Hugging Face id; 'fake' for the fake backend; default: the embedded SmolLM2",
+    ),
     ("--dtype", str, None, "weights dtype for the HF backend (float32, bfloat16...)"),
     ("--device", str, None, "device for the HF backend (cpu, cuda, cuda:1...)"),
     ("--host", str, "127.0.0.1", "address to bind"),
     ("--port", int, 8000, "port to bind"),
-    ("--api-key", str, None, "require 'Authorization: Bearer KEY' on /v1/* (health, ready, "
-     "metrics stay open)"),
+    (
+        "--api-key",
+        str,
+        None,
+        "require 'Authorization: Bearer KEY' on /v1/* (health, ready, metrics stay open)",
+    ),
     ("--max-batch-size", int, None, "sequences per step"),
     ("--max-queue", int, None, "waiting requests before 429"),
     ("--batch-window", float, None, "seconds an idle engine waits to fill a first batch"),
@@ -82,17 +90,26 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
 
     parser = _parser(os.environ if env is None else env)
     args = parser.parse_args(argv)
-    batch = {field: getattr(args, dest) for dest, field in _BATCH_FIELDS.items()
-             if getattr(args, dest) is not None}
+    batch = {
+        field: getattr(args, dest) for dest, field in _BATCH_FIELDS.items() if getattr(args, dest) is not None
+    }
     try:
         config = BatchConfig(**batch)
     except InvalidRequest as e:
         parser.error(str(e))
     return ServerSettings(
-        model=args.model, dtype=args.dtype, device=args.device, host=args.host, port=args.port,
-        api_key=args.api_key or None, batch=config, default_deadline_s=args.default_deadline,
-        max_body_bytes=args.max_body_bytes, fake_step_s=args.fake_step,
-        fake_step_per_seq_s=args.fake_step_per_seq, log_level=args.log_level,
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or None,
+        batch=config,
+        default_deadline_s=args.default_deadline,
+        max_body_bytes=args.max_body_bytes,
+        fake_step_s=args.fake_step,
+        fake_step_per_seq_s=args.fake_step_per_seq,
+        log_level=args.log_level,
     )
 
 
@@ -104,8 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # OMP_WAIT_POLICY=ACTIVE yourself.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     settings = parse_settings(argv)
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     from ._server import serve
 
     return serve(settings)

@@ -78,7 +78,11 @@ class StepPlan:
         return [*range(self.n), *(r.off + r.q - 1 for r in self.news)]
 
     def attend(
-        self, module: Any, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+        self,
+        module: Any,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
         scaling: float | None,
     ) -> torch.Tensor:
         """Attention for the packed ``query`` ``[1, heads, T, dim]`` against the slab layer

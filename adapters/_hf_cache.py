@@ -90,11 +90,7 @@ class KVSlab:
         """Make room for ``new_rows`` more rows, ``left`` columns before ``end`` (a newcomer's
         prompt) and ``right`` columns from ``end`` on (tokens about to be written)."""
         rows = self.rows + new_rows
-        if (
-            rows <= self.row_capacity
-            and left <= self.end
-            and self.end + right <= self.col_capacity
-        ):
+        if rows <= self.row_capacity and left <= self.end and self.end + right <= self.col_capacity:
             return
         self._relayout(rows, max(left, self.width), right)
 

@@ -79,8 +79,9 @@ def _self_check(model: Any) -> bool:
         with torch.no_grad():
             packed = PackedLinear(linear)
             x = torch.randn(_BATCH_HINT, linear.in_features, dtype=linear.weight.dtype)
-            ok = torch.allclose(packed(x).float(), F.linear(x, linear.weight, linear.bias).float(),
-                                rtol=2e-2, atol=2e-2)
+            ok = torch.allclose(
+                packed(x).float(), F.linear(x, linear.weight, linear.bias).float(), rtol=2e-2, atol=2e-2
+            )
     except (RuntimeError, AttributeError, NotImplementedError):
         return False
     return bool(ok)

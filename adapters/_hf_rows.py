@@ -37,7 +37,11 @@ class Row:
 
     @classmethod
     def new(
-        cls, seq_id: int, prompt_ids: Sequence[int], params: SamplingParams, tokenizer: Any,
+        cls,
+        seq_id: int,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        tokenizer: Any,
         special: frozenset[int],
     ) -> Row:
         sampler = None

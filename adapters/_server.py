@@ -90,8 +90,7 @@ class ServerSettings:
 def make_backend(settings: ServerSettings) -> Any:
     """Build the generation backend the settings name (the HF one imports torch: call off-loop)."""
     if settings.model == "fake":
-        return FakeBackend(step_time_s=settings.fake_step_s,
-                           step_time_per_seq_s=settings.fake_step_per_seq_s)
+        return FakeBackend(step_time_s=settings.fake_step_s, step_time_per_seq_s=settings.fake_step_per_seq_s)
     from ._hf import HFBackend
 
     # model None: the embedded SmolLM2. dtype "auto" and device "cpu" are HFBackend's defaults.
@@ -150,8 +149,9 @@ class ServerState:
 
     async def _close(self) -> None:
         if self.batcher is not None:
-            log.info("draining: waiting up to %.1f s for running requests",
-                     self.settings.batch.drain_timeout_s)
+            log.info(
+                "draining: waiting up to %.1f s for running requests", self.settings.batch.drain_timeout_s
+            )
             await self.batcher.aclose(timeout=self.settings.batch.drain_timeout_s)
             log.info("drained")
 
@@ -185,8 +185,13 @@ def create_app(
     api.state.server = state
     _add_routes(api, state)
     _add_error_handlers(api)
-    gate = Gate(api, registry=registry, max_body_bytes=settings.max_body_bytes,
-                api_key=settings.api_key, draining=lambda: state.draining)
+    gate = Gate(
+        api,
+        registry=registry,
+        max_body_bytes=settings.max_body_bytes,
+        api_key=settings.api_key,
+        draining=lambda: state.draining,
+    )
     gate.state = state  # type: ignore[attr-defined]
     return gate
 
@@ -213,9 +218,17 @@ def _add_routes(api: FastAPI, state: ServerState) -> None:
 
     @api.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{
-            "id": state.model_name, "object": "model", "created": 0, "owned_by": "llm-batcher",
-        }]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": state.model_name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "llm-batcher",
+                }
+            ],
+        }
 
     @api.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -227,8 +240,12 @@ def _add_routes(api: FastAPI, state: ServerState) -> None:
 
 
 async def _generate(
-    state: ServerState, request: Request, prompt: Any, body: CompletionRequest | ChatRequest,
-    *, chat: bool,
+    state: ServerState,
+    request: Request,
+    prompt: Any,
+    body: CompletionRequest | ChatRequest,
+    *,
+    chat: bool,
 ) -> Response:
     options = body.options()
     if state.settings.default_deadline_s is not None:
@@ -301,22 +318,26 @@ class SSEResponse(EventStream, Response):
 def _error_response(e: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
     """Status, OpenAI error body and extra headers for an error of ours."""
     if isinstance(e, PromptTooLong):
-        return 400, error_body(str(e), type="invalid_request_error", param=e.field,
-                               code="context_length_exceeded"), {}
+        return (
+            400,
+            error_body(str(e), type="invalid_request_error", param=e.field, code="context_length_exceeded"),
+            {},
+        )
     if isinstance(e, InvalidRequest):
         return 400, error_body(str(e), type="invalid_request_error", param=e.field), {}
     if isinstance(e, Overloaded):
         retry = str(max(1, math.ceil(e.retry_after))) if math.isfinite(e.retry_after) else "1"
-        return 429, error_body(str(e), type="overloaded_error", code="queue_full"), {
-            "retry-after": retry}
+        return 429, error_body(str(e), type="overloaded_error", code="queue_full"), {"retry-after": retry}
     if isinstance(e, BatcherClosed):
-        return 503, error_body(str(e), type="service_unavailable", code="unavailable"), {
-            "retry-after": "1"}
+        return 503, error_body(str(e), type="service_unavailable", code="unavailable"), {"retry-after": "1"}
     if isinstance(e, DeadlineExceeded):
         return 504, error_body(str(e), type="timeout_error", code="deadline_exceeded"), {}
     if isinstance(e, RequestFailed):
-        return 500, error_body(f"{e} (cause: {e.__cause__!r})", type="server_error",
-                               code="backend_failed"), {}
+        return (
+            500,
+            error_body(f"{e} (cause: {e.__cause__!r})", type="server_error", code="backend_failed"),
+            {},
+        )
     return 500, error_body("internal server error", type="server_error"), {}
 
 
@@ -335,29 +356,34 @@ def _add_error_handlers(api: FastAPI) -> None:
         else:
             param = ".".join(loc) or None
             message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
-        body = error_body(message, type="invalid_request_error", param=param,
-                          code="invalid_value")
+        body = error_body(message, type="invalid_request_error", param=param, code="invalid_value")
         return JSONResponse(body, status_code=400)
 
     @api.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException) -> Response:
-        body = error_body(str(e.detail), type="invalid_request_error",
-                          code="not_found" if e.status_code == 404 else None)
+        body = error_body(
+            str(e.detail), type="invalid_request_error", code="not_found" if e.status_code == 404 else None
+        )
         return JSONResponse(body, status_code=e.status_code, headers=e.headers)
 
     @api.exception_handler(Exception)
     async def unexpected(request: Request, e: Exception) -> Response:
         log.exception("unexpected error on %s", request.url.path)
-        return JSONResponse(error_body("internal server error", type="server_error"),
-                            status_code=500)
+        return JSONResponse(error_body("internal server error", type="server_error"), status_code=500)
 
 
 # -- running it --------------------------------------------------------------------------------
 def serve(settings: ServerSettings) -> int:
     """Run the server until SIGTERM/SIGINT has drained it. Returns the process exit status."""
     app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, loop="uvloop",
-                            log_level=settings.log_level, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=5,
+    )
     server = _DrainingServer(config, app.state)  # type: ignore[attr-defined]
     server.run()
     return 1 if app.state.load_error is not None else 0  # type: ignore[attr-defined]

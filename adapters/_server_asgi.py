@@ -91,14 +91,24 @@ class Gate:
             await _too_large(send, self.max_body_bytes)
             return
         if path.startswith("/v1/") and self.draining():
-            await send_error(send, 503, "the server is shutting down: send the request elsewhere",
-                             type="service_unavailable", code="draining",
-                             headers=[(b"retry-after", b"1")])
+            await send_error(
+                send,
+                503,
+                "the server is shutting down: send the request elsewhere",
+                type="service_unavailable",
+                code="draining",
+                headers=[(b"retry-after", b"1")],
+            )
             return
         if path.startswith("/v1/") and self.api_key is not None and not self._authorized(scope):
-            await send_error(send, 401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                             type="invalid_request_error", code="invalid_api_key",
-                             headers=[(b"www-authenticate", b"Bearer")])
+            await send_error(
+                send,
+                401,
+                "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                type="invalid_request_error",
+                code="invalid_api_key",
+                headers=[(b"www-authenticate", b"Bearer")],
+            )
             return
         received = 0
         too_large = replied = False
@@ -150,8 +160,13 @@ def _content_length(scope: Scope) -> int | None:
 
 
 async def _too_large(send: Send, limit: int) -> None:
-    await send_error(send, 413, f"request body is larger than {limit} bytes: send a shorter prompt",
-                     type="invalid_request_error", code="request_too_large")
+    await send_error(
+        send,
+        413,
+        f"request body is larger than {limit} bytes: send a shorter prompt",
+        type="invalid_request_error",
+        code="request_too_large",
+    )
 
 
 async def send_error(
@@ -224,11 +239,17 @@ class EventStream:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": [
-                (b"content-type", b"text/event-stream; charset=utf-8"),
-                (b"cache-control", b"no-cache"),
-                (b"x-accel-buffering", b"no"),
-            ]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [
+                        (b"content-type", b"text/event-stream; charset=utf-8"),
+                        (b"cache-control", b"no-cache"),
+                        (b"x-accel-buffering", b"no"),
+                    ],
+                }
+            )
             async with cancel_on_disconnect(receive) as watch:
                 async for data in self.events:
                     await send({"type": "http.response.body", "body": data, "more_body": True})

@@ -200,9 +200,7 @@ class ResponseShape:
         else:
             choice = {"index": 0, "text": text or ""}
         choice |= {"finish_reason": finish_reason, "logprobs": None}
-        return self._head("chat.completion.chunk" if self.chat else "text_completion") | {
-            "choices": [choice]
-        }
+        return self._head("chat.completion.chunk" if self.chat else "text_completion") | {"choices": [choice]}
 
     def usage_chunk(self, usage: Mapping[str, int]) -> dict[str, Any]:
         """The last chunk when ``stream_options.include_usage``: no choices, only usage."""

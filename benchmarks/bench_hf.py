@@ -65,11 +65,21 @@ from tqdm import tqdm
 from batcher import BatchConfig, Batcher
 
 TOPICS = [
-    "the history of the Roman Empire", "how volcanoes form", "the life cycle of stars",
-    "why people dream", "the invention of the printing press", "how the internet works",
-    "the water cycle", "the causes of the French Revolution", "how vaccines train the immune system",
-    "the migration of monarch butterflies", "photosynthesis", "the rise of artificial intelligence",
-    "the building of the pyramids", "how airplanes fly", "the ocean's deepest trenches",
+    "the history of the Roman Empire",
+    "how volcanoes form",
+    "the life cycle of stars",
+    "why people dream",
+    "the invention of the printing press",
+    "how the internet works",
+    "the water cycle",
+    "the causes of the French Revolution",
+    "how vaccines train the immune system",
+    "the migration of monarch butterflies",
+    "photosynthesis",
+    "the rise of artificial intelligence",
+    "the building of the pyramids",
+    "how airplanes fly",
+    "the ocean's deepest trenches",
     "the discovery of penicillin",
 ]
 TEMPLATES = [
@@ -127,9 +137,17 @@ def pct(xs: Sequence[float], p: float) -> float:
 def figures(system: str, pattern: str, obs: list[Obs], wall: float, **extra: Any) -> Figures:
     toks = sum(o.tokens for o in obs)
     return Figures(
-        system, pattern, len(obs), toks, wall, toks / wall,
-        pct([o.ttft for o in obs], 50), pct([o.ttft for o in obs], 99),
-        pct([o.e2e for o in obs], 50), pct([o.e2e for o in obs], 99), extra,
+        system,
+        pattern,
+        len(obs),
+        toks,
+        wall,
+        toks / wall,
+        pct([o.ttft for o in obs], 50),
+        pct([o.ttft for o in obs], 99),
+        pct([o.e2e for o in obs], 50),
+        pct([o.e2e for o in obs], 99),
+        extra,
     )
 
 
@@ -236,8 +254,13 @@ class Generator:
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
         with torch.inference_mode():
             out = self.model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=min_new,
-                do_sample=False, pad_token_id=self.pad, streamer=streamer,
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new,
+                min_new_tokens=min_new,
+                do_sample=False,
+                pad_token_id=self.pad,
+                streamer=streamer,
             )
         return [row[width:].tolist() for row in out]
 
@@ -336,8 +359,18 @@ def ceiling(gen: Generator, reqs: list[Req], batch: int) -> Figures:
     outs = gen.generate(prompts, 128, s, min_new=128)
     wall = time.perf_counter() - t0
     computed = sum(len(o) for o in outs)
-    return Figures("ceiling", "one batch", batch, computed, wall, computed / wall,
-                   (s.at or t0) - t0, (s.at or t0) - t0, wall, wall)
+    return Figures(
+        "ceiling",
+        "one batch",
+        batch,
+        computed,
+        wall,
+        computed / wall,
+        (s.at or t0) - t0,
+        (s.at or t0) - t0,
+        wall,
+        wall,
+    )
 
 
 async def lone_ttft_ours(batcher: Batcher, req: Req, repeats: int) -> float:
@@ -350,8 +383,9 @@ async def lone_ttft_theirs(gen: Generator, req: Req, repeats: int) -> float:
     """Median first-token time of the same request through a lone ``generate``."""
     loop = asyncio.get_running_loop()
     short = Req(req.messages, 4)
-    return statistics.median([(await loop.run_in_executor(gen.thread, gen.one, short)).ttft
-                              for _ in range(repeats)])
+    return statistics.median(
+        [(await loop.run_in_executor(gen.thread, gen.one, short)).ttft for _ in range(repeats)]
+    )
 
 
 # -- main -----------------------------------------------------------------------------------------
@@ -375,8 +409,10 @@ async def main(args: argparse.Namespace) -> None:
     reqs = workload(max(n, 32))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240
-    print(f"dtype={args.dtype} torch threads={torch.get_num_threads()} "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} load average={os.getloadavg()}")
+    print(
+        f"dtype={args.dtype} torch threads={torch.get_num_threads()} "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} load average={os.getloadavg()}"
+    )
     backend = HFBackend(dtype=args.dtype)
     results: list[Figures] = []
     extra: dict[str, Any] = {}
@@ -415,17 +451,23 @@ async def main(args: argparse.Namespace) -> None:
 
 def note(r: Figures) -> None:
     r.extra["load_average"] = os.getloadavg()[0]
-    tqdm.write(f"{r.system} {r.pattern}: {r.tokens_per_s:.1f} tok/s, TTFT p50 {r.ttft_p50:.3f} s, "
-               f"e2e p50 {r.e2e_p50:.2f} s (load average {r.extra['load_average']:.1f})")
+    tqdm.write(
+        f"{r.system} {r.pattern}: {r.tokens_per_s:.1f} tok/s, TTFT p50 {r.ttft_p50:.3f} s, "
+        f"e2e p50 {r.e2e_p50:.2f} s (load average {r.extra['load_average']:.1f})"
+    )
 
 
 def table(results: list[Figures]) -> None:
-    head = (f"{'system':<11}{'pattern':<17}{'reqs':>5}{'tok/s':>8}{'TTFT p50':>10}{'p99':>8}"
-            f"{'e2e p50':>9}{'p99':>8}")
+    head = (
+        f"{'system':<11}{'pattern':<17}{'reqs':>5}{'tok/s':>8}{'TTFT p50':>10}{'p99':>8}"
+        f"{'e2e p50':>9}{'p99':>8}"
+    )
     print(head)
     for r in results:
-        print(f"{r.system:<11}{r.pattern:<17}{r.requests:>5}{r.tokens_per_s:>8.1f}{r.ttft_p50:>10.3f}"
-              f"{r.ttft_p99:>8.3f}{r.e2e_p50:>9.2f}{r.e2e_p99:>8.2f}")
+        print(
+            f"{r.system:<11}{r.pattern:<17}{r.requests:>5}{r.tokens_per_s:>8.1f}{r.ttft_p50:>10.3f}"
+            f"{r.ttft_p99:>8.3f}{r.e2e_p50:>9.2f}{r.e2e_p99:>8.2f}"
+        )
 
 
 def plot(results: list[Figures], extra: dict[str, Any], path: Path, dtype: str) -> None:
@@ -454,8 +496,10 @@ def plot(results: list[Figures], extra: dict[str, Any], path: Path, dtype: str) 
         ax.legend()
     lone = extra.get("lone")
     if lone:
-        fig.suptitle(f"SmolLM2-135M {dtype}: lone request TTFT {lone['batcher_ttft_s']*1000:.0f} ms "
-                     f"vs generate {lone['generate_ttft_s']*1000:.0f} ms ({lone['ratio']:.2f}x)")
+        fig.suptitle(
+            f"SmolLM2-135M {dtype}: lone request TTFT {lone['batcher_ttft_s'] * 1000:.0f} ms "
+            f"vs generate {lone['generate_ttft_s'] * 1000:.0f} ms ({lone['ratio']:.2f}x)"
+        )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -135,7 +135,9 @@ class Runner:
         headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
         limit = args.concurrency or 1024
         self.client = httpx.AsyncClient(
-            base_url=args.url, headers=headers, timeout=httpx.Timeout(args.timeout),
+            base_url=args.url,
+            headers=headers,
+            timeout=httpx.Timeout(args.timeout),
             limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit),
         )
         self.bar = tqdm(total=args.requests, unit="req", disable=args.no_progress, file=sys.stderr)
@@ -143,8 +145,10 @@ class Runner:
     def body(self, i: int) -> tuple[str, dict[str, Any]]:
         prompt = self.prompts[i % len(self.prompts)]
         body: dict[str, Any] = {
-            "model": self.args.model, "max_tokens": self.args.max_tokens,
-            "temperature": self.args.temperature, "stream": True,
+            "model": self.args.model,
+            "max_tokens": self.args.max_tokens,
+            "temperature": self.args.temperature,
+            "stream": True,
             "stream_options": {"include_usage": True},
         }
         if self.args.chat:
@@ -239,8 +243,11 @@ def summarize(results: list[Result], wall: float) -> dict[str, Any]:
     tokens = sum(r.tokens for r in ok)
     errors = Counter(str(r.status) for r in results if not r.ok)
     summary: dict[str, Any] = {
-        "requests": len(results), "ok": len(ok), "wall_s": wall,
-        "output_tokens": tokens, "tokens_per_s": tokens / wall if wall else 0.0,
+        "requests": len(results),
+        "ok": len(ok),
+        "wall_s": wall,
+        "output_tokens": tokens,
+        "tokens_per_s": tokens / wall if wall else 0.0,
         "requests_per_s": len(ok) / wall if wall else 0.0,
         "errors": dict(sorted(errors.items())),
     }
@@ -279,8 +286,10 @@ def plot(results: list[Result], summary: dict[str, Any], path: Path) -> None:
 
     ok = [r for r in results if r.ok and r.e2e is not None]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, values in (("TTFT", [r.ttft for r in ok if r.ttft is not None]),
-                         ("end-to-end", [r.e2e for r in ok])):
+    for name, values in (
+        ("TTFT", [r.ttft for r in ok if r.ttft is not None]),
+        ("end-to-end", [r.e2e for r in ok]),
+    ):
         xs = sorted(v for v in values if v is not None)
         if xs:
             left.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], label=name)
@@ -297,8 +306,11 @@ def plot(results: list[Result], summary: dict[str, Any], path: Path) -> None:
             if overlap > 0 and r.e2e:
                 bins[b] += r.tokens * overlap / r.e2e
     right.plot(range(len(bins)), bins)
-    right.set(xlabel="time (s)", ylabel="output tokens/s",
-              title=f"Throughput (mean {summary['tokens_per_s']:.0f} tok/s)")
+    right.set(
+        xlabel="time (s)",
+        ylabel="output tokens/s",
+        title=f"Throughput (mean {summary['tokens_per_s']:.0f} tok/s)",
+    )
     right.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -314,8 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     plot(runner.results, summary, args.out)
     print(f"plot: {args.out}")
     if args.json is not None:
-        args.json.write_text(json.dumps(summary | {"results": [asdict(r) for r in runner.results]},
-                                        indent=1))
+        args.json.write_text(json.dumps(summary | {"results": [asdict(r) for r in runner.results]}, indent=1))
     return 0 if summary["ok"] == summary["requests"] else 1
 
 

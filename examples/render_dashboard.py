@@ -56,8 +56,9 @@ def legend(fmt: str, labels: dict[str, str]) -> str:
     return re.sub(r"\{\{\s*(\w+)\s*\}\}", lambda m: labels.get(m.group(1), ""), fmt) or str(labels)
 
 
-def draw_timeseries(ax: Any, panel: dict[str, Any], series: list[tuple[str, list[Any]]],
-                    start: float) -> None:
+def draw_timeseries(
+    ax: Any, panel: dict[str, Any], series: list[tuple[str, list[Any]]], start: float
+) -> None:
     stacked = panel["fieldConfig"]["defaults"].get("custom", {}).get("stacking", {}).get("mode")
     curves = [(name, [float(t) for t, _ in vals], [float(v) for _, v in vals]) for name, vals in series]
     if stacked == "normal" and curves:
@@ -87,20 +88,35 @@ def draw_heatmap(ax: Any, series: list[tuple[str, list[Any]]], start: float) -> 
     if not bounds:
         return
     times = sorted({float(t) for _, vals in bounds for t, _ in vals})
-    cum = np.array([[dict((float(t), float(v)) for t, v in vals).get(t, 0.0) for t in times]
-                    for _, vals in bounds])
+    cum = np.array(
+        [[dict((float(t), float(v)) for t, v in vals).get(t, 0.0) for t in times] for _, vals in bounds]
+    )
     cells = np.diff(np.vstack([np.zeros(len(times)), np.nan_to_num(cum)]), axis=0).clip(min=0)
     used = np.flatnonzero(cells.sum(axis=1))
     top = int(used[-1]) + 2 if used.size else len(bounds)  # drop the empty buckets above the data
     cells, bounds = cells[:top], bounds[:top]
-    ax.imshow(cells, aspect="auto", origin="lower", cmap="Oranges", interpolation="nearest",
-              extent=(times[0] - start, times[-1] - start, -0.5, len(bounds) - 0.5))
+    ax.imshow(
+        cells,
+        aspect="auto",
+        origin="lower",
+        cmap="Oranges",
+        interpolation="nearest",
+        extent=(times[0] - start, times[-1] - start, -0.5, len(bounds) - 0.5),
+    )
     ax.set_yticks(range(len(bounds)), [f"≤{name}" for name, _ in bounds], fontsize=5)
     ax.set_ylabel("batch size bucket", fontsize=7)
 
 
-def render(base: str, dashboard: dict[str, Any], out: Path, *, start: float, end: float,
-           step: float, rate_interval: str) -> int:
+def render(
+    base: str,
+    dashboard: dict[str, Any],
+    out: Path,
+    *,
+    start: float,
+    end: float,
+    step: float,
+    rate_interval: str,
+) -> int:
     """Query and draw every panel where the dashboard's grid puts it; return the series drawn."""
     import matplotlib
 
@@ -110,8 +126,16 @@ def render(base: str, dashboard: dict[str, Any], out: Path, *, start: float, end
     todo = panels(dashboard)
     height = max(p["gridPos"]["y"] + p["gridPos"]["h"] for p in dashboard["panels"])
     fig = plt.figure(figsize=(18, 0.42 * height + 0.8))
-    grid = fig.add_gridspec(height, 24, hspace=0.5, wspace=1.2, left=0.04, right=0.99,
-                            top=1 - 0.6 / (0.42 * height + 0.8), bottom=0.03)
+    grid = fig.add_gridspec(
+        height,
+        24,
+        hspace=0.5,
+        wspace=1.2,
+        left=0.04,
+        right=0.99,
+        top=1 - 0.6 / (0.42 * height + 0.8),
+        bottom=0.03,
+    )
     for row in (p for p in dashboard["panels"] if p["type"] == "row"):
         ax = fig.add_subplot(grid[row["gridPos"]["y"], :])
         ax.axis("off")
@@ -119,12 +143,14 @@ def render(base: str, dashboard: dict[str, Any], out: Path, *, start: float, end
     drawn = 0
     for panel in todo:
         g = panel["gridPos"]
-        ax = fig.add_subplot(grid[g["y"]:g["y"] + g["h"] - 1, g["x"]:g["x"] + g["w"]])  # 1 row: labels
+        ax = fig.add_subplot(grid[g["y"] : g["y"] + g["h"] - 1, g["x"] : g["x"] + g["w"]])  # 1 row: labels
         drawn += draw_panel(ax, base, panel, start, end, step, rate_interval)
-    fig.suptitle(f"{dashboard['title']}: {len(todo)} panels from Prometheus, "
-                 f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(end))}; x axes: seconds since "
-                 f"{time.strftime('%H:%M:%S', time.gmtime(start))}; $__rate_interval={rate_interval}",
-                 fontsize=12)
+    fig.suptitle(
+        f"{dashboard['title']}: {len(todo)} panels from Prometheus, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(end))}; x axes: seconds since "
+        f"{time.strftime('%H:%M:%S', time.gmtime(start))}; $__rate_interval={rate_interval}",
+        fontsize=12,
+    )
     save_small_png(fig, out)
     plt.close(fig)
     return drawn
@@ -143,8 +169,9 @@ def save_small_png(fig: Any, out: Path) -> None:
         img.convert("RGB").quantize(colors=256).save(out, format="PNG", optimize=True)
 
 
-def draw_panel(ax: Any, base: str, panel: dict[str, Any], start: float, end: float, step: float,
-               rate_interval: str) -> int:
+def draw_panel(
+    ax: Any, base: str, panel: dict[str, Any], start: float, end: float, step: float, rate_interval: str
+) -> int:
     series: list[tuple[str, list[Any]]] = []
     for target in panel["targets"]:
         for s in query_range(base, expand(target["expr"], rate_interval), start, end, step):
@@ -187,10 +214,16 @@ def main(argv: list[str] | None = None) -> int:
     start = end - args.minutes * 60
     step = args.step or max(1.0, args.minutes * 60 / 300)
     dashboard = json.loads(args.dashboard.read_text())
-    n = render(args.prometheus.rstrip("/"), dashboard, args.out, start=start, end=end, step=step,
-               rate_interval=args.rate_interval)
-    print(f"{args.out}: {len(panels(dashboard))} panels, {n} series, "
-          f"{args.out.stat().st_size // 1024} KiB")
+    n = render(
+        args.prometheus.rstrip("/"),
+        dashboard,
+        args.out,
+        start=start,
+        end=end,
+        step=step,
+        rate_interval=args.rate_interval,
+    )
+    print(f"{args.out}: {len(panels(dashboard))} panels, {n} series, {args.out.stat().st_size // 1024} KiB")
     return 0 if n else 1
 
 

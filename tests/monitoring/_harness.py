@@ -92,12 +92,20 @@ def server_command(port: int, *flags: str) -> list[str]:
 
 def prometheus_config(target: str, rules: Path) -> str:
     """A 1-second-scrape config for ``target`` that also evaluates ``rules`` every second."""
-    return json.dumps({  # JSON is YAML
-        "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(rules)],
-        "scrape_configs": [{"job_name": "llm-batcher", "metrics_path": "/metrics",
-                            "static_configs": [{"targets": [target]}]}],
-    }, indent=2)
+    return json.dumps(
+        {  # JSON is YAML
+            "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(rules)],
+            "scrape_configs": [
+                {
+                    "job_name": "llm-batcher",
+                    "metrics_path": "/metrics",
+                    "static_configs": [{"targets": [target]}],
+                }
+            ],
+        },
+        indent=2,
+    )
 
 
 @contextmanager
@@ -108,8 +116,13 @@ def prometheus(target: str, workdir: Path) -> Iterator[str]:
     config = workdir / "prometheus.yml"
     config.write_text(prometheus_config(target, GRAFANA / "alerts.yml"))
     port = free_port()
-    args = [binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"]
+    args = [
+        binary,
+        f"--config.file={config}",
+        f"--storage.tsdb.path={workdir / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--log.level=warn",
+    ]
     base = f"http://127.0.0.1:{port}"
     with running(args, workdir / "prometheus.log", f"{base}/-/ready"):
         wait_for_first_scrape(base)

@@ -40,8 +40,12 @@ class Load:
         """A streaming request; ``leave`` drops the connection after the first chunk."""
         if not self._budget():
             return
-        body: dict[str, Any] = {"model": "fake", "prompt": "tell me a story", "stream": True,
-                                "max_tokens": max_tokens}
+        body: dict[str, Any] = {
+            "model": "fake",
+            "prompt": "tell me a story",
+            "stream": True,
+            "max_tokens": max_tokens,
+        }
         async with client.stream("POST", "/v1/completions", json=body) as r:
             async for line in r.aiter_lines():
                 if leave and line.startswith("data: "):
@@ -65,13 +69,16 @@ class Load:
         for i in range(rounds):
             round_end = loop.time() + self.duration_s / rounds
             first = [self._stream(client, 64, leave=True) for _ in range(2)]
-            first += [self._complete(client, "this will FAIL", 8),
-                      self._complete(client, "please REJECT this", 8),
-                      self._complete(client, "a very long answer", 400)]
+            first += [
+                self._complete(client, "this will FAIL", 8),
+                self._complete(client, "please REJECT this", 8),
+                self._complete(client, "a very long answer", 400),
+            ]
             admitted = [asyncio.create_task(w) for w in first]
             await asyncio.sleep(0.1)
-            await asyncio.gather(*admitted, *(self._complete(client, f"burst {i} {k}", 12)
-                                              for k in range(24)))
+            await asyncio.gather(
+                *admitted, *(self._complete(client, f"burst {i} {k}", 12) for k in range(24))
+            )
             await asyncio.sleep(max(0.0, round_end - loop.time()))  # pace the rounds
 
     async def run(self) -> Counter[str]:

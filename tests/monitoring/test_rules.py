@@ -13,8 +13,12 @@ import yaml
 from ._harness import GRAFANA, dashboard, dashboard_exprs, query_panels, rule_exprs
 
 ALERTS = {
-    "BatcherQueueSaturated", "BatcherTTFTBudgetBurnFast", "BatcherTTFTBudgetBurnSlow",
-    "BatcherHighErrorRate", "BatcherExecutorStalled", "BatcherScrapeDown",
+    "BatcherQueueSaturated",
+    "BatcherTTFTBudgetBurnFast",
+    "BatcherTTFTBudgetBurnSlow",
+    "BatcherHighErrorRate",
+    "BatcherExecutorStalled",
+    "BatcherScrapeDown",
 }
 
 
@@ -45,8 +49,13 @@ def test_rule_unit_tests_catch_a_broken_rule(promtool: str, tmp_path: Path) -> N
     broken = rules.replace("batcher_max_queue) > 0.8", "batcher_max_queue) > 0.5")
     assert broken != rules
     (tmp_path / "alerts.yml").write_text(broken)
-    done = subprocess.run([promtool, "test", "rules", "alerts_test.yml"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [promtool, "test", "rules", "alerts_test.yml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode != 0 and "BatcherQueueSaturated" in done.stdout + done.stderr
 
 
@@ -99,10 +108,12 @@ def test_dashboard_shows_what_the_issue_asks_for() -> None:
     exprs = "\n".join(e for _, e in dashboard_exprs(dashboard()))
     wanted = [
         r"sum by \(outcome\) \(rate\(batcher_requests_total",
-        r"batcher_queue_depth", r"batcher_running_requests",
+        r"batcher_queue_depth",
+        r"batcher_running_requests",
         r"histogram_quantile\(0.5, sum by \(le, model\) \(rate\(batcher_batch_size_bucket",
         r"increase\(batcher_batch_size_bucket",
-        r"rate\(batcher_generated_tokens_total", r"rate\(batcher_prompt_tokens_total",
+        r"rate\(batcher_generated_tokens_total",
+        r"rate\(batcher_prompt_tokens_total",
         r"rate\(batcher_executor_busy_seconds_total",
         r"rate\(batcher_padding_tokens_total.*\n?.*/.*rate\(batcher_computed_tokens_total",
     ]
@@ -155,6 +166,6 @@ def test_compose_runs_all_three_on_loopback() -> None:
         assert services[name]["network_mode"] == "service:server"
         for volume in services[name]["volumes"]:
             assert (GRAFANA / volume.split(":")[0]).exists(), volume
-    dockerfile = (GRAFANA / services["server"]["build"]["dockerfile"].removeprefix("grafana/"))
+    dockerfile = GRAFANA / services["server"]["build"]["dockerfile"].removeprefix("grafana/")
     text = dockerfile.read_text()
     assert text.index("torch==2.13.0") < text.index('".[all]"')

@@ -56,13 +56,23 @@ class Server:
             raise AssertionError(f"server did not exit in {timeout} s:\n{self.output()[-3000:]}") from None
 
 
-def start_server(tmp: Path, *args: str, ready_timeout: float = 60.0,
-                 env: dict[str, str] | None = None) -> Server:
+def start_server(
+    tmp: Path, *args: str, ready_timeout: float = 60.0, env: dict[str, str] | None = None
+) -> Server:
     """Start ``llm-batcher serve ARGS`` on a free port and wait until /ready answers 200."""
     port = free_port()
     log = tmp / f"server-{port}.log"
-    cmd = [sys.executable, "-m", "batcher.adapters._cli", "serve", "--port", str(port),
-           "--log-level", "warning", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "batcher.adapters._cli",
+        "serve",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        *args,
+    ]
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_BATCHER_")}
     full_env |= env or {}
     with log.open("wb") as out:
@@ -101,8 +111,17 @@ def server_factory(tmp_path: Path) -> Iterator[object]:
 @pytest.fixture(scope="module")
 def fake_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One shared fake-model server (5 ms steps) for the tests that only read from it."""
-    s = start_server(tmp_path_factory.mktemp("fake"), "--model", "fake", "--fake-step", "0.005",
-                     "--fake-step-per-seq", "0.0002", "--batch-window", "0.01")
+    s = start_server(
+        tmp_path_factory.mktemp("fake"),
+        "--model",
+        "fake",
+        "--fake-step",
+        "0.005",
+        "--fake-step-per-seq",
+        "0.0002",
+        "--batch-window",
+        "0.01",
+    )
     yield s
     assert s.stop() == 0, s.output()[-3000:]
 

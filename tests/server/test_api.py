@@ -36,7 +36,10 @@ async def test_completion_non_streaming(client: openai.AsyncOpenAI) -> None:
 async def test_chat_streaming_with_usage(client: openai.AsyncOpenAI) -> None:
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
     stream = await client.chat.completions.create(
-        model="fake", messages=messages, max_tokens=6, stream=True,
+        model="fake",
+        messages=messages,
+        max_tokens=6,
+        stream=True,
         stream_options={"include_usage": True},
     )
     chunks = [c async for c in stream]
@@ -51,8 +54,9 @@ async def test_chat_streaming_with_usage(client: openai.AsyncOpenAI) -> None:
 async def test_stop_string_and_eos(client: openai.AsyncOpenAI) -> None:
     full = expected_text("stop here please", 8)
     cut = full.split(" ")[3]  # the third token's text: the stream must end just before it
-    r = await client.completions.create(model="fake", prompt="stop here please", max_tokens=8,
-                                        stop=[" " + cut])
+    r = await client.completions.create(
+        model="fake", prompt="stop here please", max_tokens=8, stop=[" " + cut]
+    )
     assert r.choices[0].text == full[: full.index(" " + cut)]
     assert r.choices[0].finish_reason == "stop"
     r = await client.completions.create(model="fake", prompt="ends eos:3 soon", max_tokens=8)
@@ -74,12 +78,14 @@ async def test_32_concurrent_streams_each_get_exactly_their_own_output(
         if i % 2:
             messages = [{"role": "user", "content": f"chat prompt number {i}"}]
             stream = await client.chat.completions.create(
-                model="fake", messages=messages, max_tokens=max_tokens, stream=True)
+                model="fake", messages=messages, max_tokens=max_tokens, stream=True
+            )
             got = "".join([c.choices[0].delta.content or "" async for c in stream])
             return got, expected_text(messages, max_tokens)
         prompt = f"completion prompt number {i} " * (1 + i % 3)
         stream = await client.completions.create(
-            model="fake", prompt=prompt, max_tokens=max_tokens, stream=True)
+            model="fake", prompt=prompt, max_tokens=max_tokens, stream=True
+        )
         got = "".join([c.choices[0].text async for c in stream])
         return got, expected_text(prompt, max_tokens)
 

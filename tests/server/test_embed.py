@@ -21,9 +21,23 @@ def embed_url(tmp_path: Path) -> Iterator[str]:
     log = (tmp_path / "embed.log").open("wb")
     env = os.environ | {"LLM_BATCHER_MODEL": "fake"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "examples.embed_fastapi:app", "--port", str(port),
-         "--loop", "uvloop", "--log-level", "warning"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "examples.embed_fastapi:app",
+            "--port",
+            str(port),
+            "--loop",
+            "uvloop",
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
@@ -44,8 +58,7 @@ def embed_url(tmp_path: Path) -> Iterator[str]:
 
 async def test_streaming_route_of_the_embedded_batcher(embed_url: str) -> None:
     async with httpx.AsyncClient(base_url=embed_url, timeout=30) as http:
-        async with http.stream("GET", "/generate", params={"prompt": "hello there",
-                                                           "max_tokens": 12}) as r:
+        async with http.stream("GET", "/generate", params={"prompt": "hello there", "max_tokens": 12}) as r:
             assert r.status_code == 200
             pieces = [p async for p in r.aiter_text()]
         assert "".join(pieces) == expected_text("hello there", 12)

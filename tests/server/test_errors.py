@@ -10,8 +10,9 @@ import pytest
 from .conftest import Server
 
 
-def assert_error(r: httpx.Response, status: int, param: str | None = None,
-                 code: str | None = None) -> dict[str, Any]:
+def assert_error(
+    r: httpx.Response, status: int, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
     assert r.status_code == status, r.text
     assert r.headers["content-type"].startswith("application/json")
     error = r.json()["error"]
@@ -36,42 +37,50 @@ async def test_malformed_json_is_400(http: httpx.AsyncClient, raw: bytes) -> Non
     assert_error(r, 400)
 
 
-@pytest.mark.parametrize(("body", "param"), [
-    ({"max_tokens": 4}, "prompt"),
-    ({"prompt": ""}, "prompt"),
-    ({"prompt": ["a", "b"]}, "prompt"),
-    ({"prompt": [1, 2, 3]}, None),
-    ({"prompt": "x", "n": 2}, "n"),
-    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
-    ({"prompt": "x", "max_tokens": "5"}, "max_tokens"),
-    ({"prompt": "x", "max_tokens": 10**9}, "max_tokens"),
-    ({"prompt": "x", "temperature": -1}, "temperature"),
-    ({"prompt": "x", "temperature": "hot"}, "temperature"),
-    ({"prompt": "x", "top_p": 0}, "top_p"),
-    ({"prompt": "x", "top_k": -3}, "top_k"),
-    ({"prompt": "x", "seed": -1}, "seed"),
-    ({"prompt": "x", "stop": [""]}, "stop"),
-    ({"prompt": "x", "stop": ["s"] * 17}, "stop"),
-    ({"prompt": "x", "stream": "yes"}, "stream"),
-    ({"prompt": "x", "echo": True}, "echo"),
-    ({"prompt": "x", "logprobs": 3}, "logprobs"),
-    ({"prompt": "x", "stream_options": {"include_usage": "y"}}, "stream_options.include_usage"),
-])
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"max_tokens": 4}, "prompt"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": ["a", "b"]}, "prompt"),
+        ({"prompt": [1, 2, 3]}, None),
+        ({"prompt": "x", "n": 2}, "n"),
+        ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "x", "max_tokens": "5"}, "max_tokens"),
+        ({"prompt": "x", "max_tokens": 10**9}, "max_tokens"),
+        ({"prompt": "x", "temperature": -1}, "temperature"),
+        ({"prompt": "x", "temperature": "hot"}, "temperature"),
+        ({"prompt": "x", "top_p": 0}, "top_p"),
+        ({"prompt": "x", "top_k": -3}, "top_k"),
+        ({"prompt": "x", "seed": -1}, "seed"),
+        ({"prompt": "x", "stop": [""]}, "stop"),
+        ({"prompt": "x", "stop": ["s"] * 17}, "stop"),
+        ({"prompt": "x", "stream": "yes"}, "stream"),
+        ({"prompt": "x", "echo": True}, "echo"),
+        ({"prompt": "x", "logprobs": 3}, "logprobs"),
+        ({"prompt": "x", "stream_options": {"include_usage": "y"}}, "stream_options.include_usage"),
+    ],
+)
 async def test_bad_completion_parameters_are_400(
     http: httpx.AsyncClient, body: dict[str, Any], param: str | None
 ) -> None:
     assert_error(await http.post("/v1/completions", json=body), 400, param)
 
 
-@pytest.mark.parametrize(("body", "param"), [
-    ({"messages": []}, "messages"),
-    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
-    ({"messages": [{"role": "user"}]}, "messages.0.content"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, None),
-    ({"messages": "hello"}, "messages"),
-    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 3,
-      "max_completion_tokens": 4}, "max_completion_tokens"),
-])
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+        ({"messages": [{"role": "user"}]}, "messages.0.content"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, None),
+        ({"messages": "hello"}, "messages"),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "max_tokens": 3, "max_completion_tokens": 4},
+            "max_completion_tokens",
+        ),
+    ],
+)
 async def test_bad_chat_parameters_are_400(
     http: httpx.AsyncClient, body: dict[str, Any], param: str | None
 ) -> None:
@@ -99,8 +108,7 @@ async def test_body_over_the_limit_is_413(http: httpx.AsyncClient) -> None:
             yield b" " * 65536
         yield b'{"prompt": "x"}'
 
-    r = await http.post("/v1/completions", content=chunked(),
-                        headers={"content-type": "application/json"})
+    r = await http.post("/v1/completions", content=chunked(), headers={"content-type": "application/json"})
     assert_error(r, 413, code="request_too_large")
 
 

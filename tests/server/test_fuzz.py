@@ -20,16 +20,27 @@ from schemathesis.checks import not_a_server_error
 from .conftest import Server, start_server
 
 TIMEOUT = 10.0  # no answer within this is a hang
-FUZZ = settings(max_examples=60, deadline=None, database=None,
-                suppress_health_check=list(HealthCheck))
+FUZZ = settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 
 
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     # Fast fake steps and a small max_tokens limit: a valid random request finishes at once.
-    s = start_server(tmp_path_factory.mktemp("fuzz"), "--model", "fake", "--fake-step", "0",
-                     "--fake-step-per-seq", "0", "--max-tokens-limit", "64",
-                     "--default-max-tokens", "16", "--default-deadline", "5")
+    s = start_server(
+        tmp_path_factory.mktemp("fuzz"),
+        "--model",
+        "fake",
+        "--fake-step",
+        "0",
+        "--fake-step-per-seq",
+        "0",
+        "--max-tokens-limit",
+        "64",
+        "--default-max-tokens",
+        "16",
+        "--default-deadline",
+        "5",
+    )
     yield s
     assert s.stop() == 0, s.output()[-3000:]
 
@@ -63,8 +74,23 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=12,
 )
-FIELDS = ["prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
-          "n", "stream", "stream_options", "echo", "logprobs", "max_completion_tokens", "model"]
+FIELDS = [
+    "prompt",
+    "messages",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "stop",
+    "n",
+    "stream",
+    "stream_options",
+    "echo",
+    "logprobs",
+    "max_completion_tokens",
+    "model",
+]
 bodies = st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=8) | json_values
 
 
@@ -80,17 +106,20 @@ def test_random_json_bodies(http: httpx.Client, body: Any, path: str) -> None:
     check(http.post(path, content=json.dumps(body), headers={"content-type": "application/json"}))
 
 
-@pytest.mark.parametrize("raw", [
-    b"[" * 100_000,
-    b'{"prompt": ' * 50_000,
-    b'{"prompt": "x", "temperature": NaN}',
-    b'{"prompt": "x", "top_p": Infinity}',
-    b'{"prompt": "x", "max_tokens": 1' + b"0" * 4000 + b"}",
-    b'{"prompt": "x", "seed": 18446744073709551616}',
-    b'{"prompt": "\\ud800"}',
-    '{"prompt": "\u00e9\u4e2d\U0001f600"}'.encode(),
-    b'{"prompt": "x", "prompt": 5}',
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"[" * 100_000,
+        b'{"prompt": ' * 50_000,
+        b'{"prompt": "x", "temperature": NaN}',
+        b'{"prompt": "x", "top_p": Infinity}',
+        b'{"prompt": "x", "max_tokens": 1' + b"0" * 4000 + b"}",
+        b'{"prompt": "x", "seed": 18446744073709551616}',
+        b'{"prompt": "\\ud800"}',
+        '{"prompt": "\u00e9\u4e2d\U0001f600"}'.encode(),
+        b'{"prompt": "x", "prompt": 5}',
+    ],
+)
 def test_adversarial_bodies(http: httpx.Client, raw: bytes) -> None:
     for path in ("/v1/completions", "/v1/chat/completions"):
         check(http.post(path, content=raw, headers={"content-type": "application/json"}))

@@ -16,23 +16,43 @@ from .conftest import ROOT, Server
 def test_flags_environment_and_defaults() -> None:
     s = parse_settings(["serve"], env={})
     assert (s.host, s.port, s.model, s.api_key) == ("127.0.0.1", 8000, None, None)
-    env = {"LLM_BATCHER_PORT": "9001", "LLM_BATCHER_MAX_QUEUE": "7", "LLM_BATCHER_MODEL": "fake",
-           "LLM_BATCHER_API_KEY": "k", "LLM_BATCHER_DEFAULT_DEADLINE": "2.5"}
-    s = parse_settings(["serve", "--max-queue", "9", "--batch-window", "0.01",
-                        "--max-batch-tokens", "4096", "--drain-timeout", "3"], env=env)
+    env = {
+        "LLM_BATCHER_PORT": "9001",
+        "LLM_BATCHER_MAX_QUEUE": "7",
+        "LLM_BATCHER_MODEL": "fake",
+        "LLM_BATCHER_API_KEY": "k",
+        "LLM_BATCHER_DEFAULT_DEADLINE": "2.5",
+    }
+    s = parse_settings(
+        [
+            "serve",
+            "--max-queue",
+            "9",
+            "--batch-window",
+            "0.01",
+            "--max-batch-tokens",
+            "4096",
+            "--drain-timeout",
+            "3",
+        ],
+        env=env,
+    )
     assert (s.port, s.model, s.api_key, s.default_deadline_s) == (9001, "fake", "k", 2.5)
     assert s.batch.max_queue == 9  # the flag beats the variable
-    assert (s.batch.batch_window_s, s.batch.max_batch_tokens, s.batch.drain_timeout_s) == (
-        0.01, 4096, 3.0)
+    assert (s.batch.batch_window_s, s.batch.max_batch_tokens, s.batch.drain_timeout_s) == (0.01, 4096, 3.0)
 
 
-@pytest.mark.parametrize(("argv", "env"), [
-    (["serve", "--max-batch-size", "0"], {}),
-    (["serve"], {"LLM_BATCHER_PORT": "eighty"}),
-    (["serve", "--port", "x"], {}),
-])
-def test_bad_settings_exit_with_a_message(argv: list[str], env: dict[str, str],
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("argv", "env"),
+    [
+        (["serve", "--max-batch-size", "0"], {}),
+        (["serve"], {"LLM_BATCHER_PORT": "eighty"}),
+        (["serve", "--port", "x"], {}),
+    ],
+)
+def test_bad_settings_exit_with_a_message(
+    argv: list[str], env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as e:
         parse_settings(argv, env=env)
     assert e.value.code == 2
@@ -42,10 +62,27 @@ def test_bad_settings_exit_with_a_message(argv: list[str], env: dict[str, str],
 def test_loadgen_smoke(fake_server: Server, tmp_path: Path) -> None:
     png, out = tmp_path / "run.png", tmp_path / "run.json"
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("first prompt\n\n{\"prompt\": \"second prompt\"}\nthird\n")
-    cmd = [sys.executable, "examples/loadgen.py", "--url", fake_server.url, "--requests", "24",
-           "--concurrency", "6", "--max-tokens", "8", "--prompts", str(prompts), "--out", str(png),
-           "--json", str(out), "--duration", "60"]
+    prompts.write_text('first prompt\n\n{"prompt": "second prompt"}\nthird\n')
+    cmd = [
+        sys.executable,
+        "examples/loadgen.py",
+        "--url",
+        fake_server.url,
+        "--requests",
+        "24",
+        "--concurrency",
+        "6",
+        "--max-tokens",
+        "8",
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(png),
+        "--json",
+        str(out),
+        "--duration",
+        "60",
+    ]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     for row in ("output tokens/s", "TTFT", "end-to-end", "p50", "p99", "errors by status"):
@@ -60,9 +97,26 @@ def test_loadgen_smoke(fake_server: Server, tmp_path: Path) -> None:
 def test_loadgen_poisson_chat_and_error_counts(fake_server: Server, tmp_path: Path) -> None:
     prompts = tmp_path / "p.txt"
     prompts.write_text("fine\nplease REJECT this\n")
-    cmd = [sys.executable, "examples/loadgen.py", "--url", fake_server.url, "--requests", "10",
-           "--rate", "50", "--chat", "--max-tokens", "4", "--prompts", str(prompts),
-           "--out", str(tmp_path / "p.png"), "--json", str(tmp_path / "p.json"), "--no-progress"]
+    cmd = [
+        sys.executable,
+        "examples/loadgen.py",
+        "--url",
+        fake_server.url,
+        "--requests",
+        "10",
+        "--rate",
+        "50",
+        "--chat",
+        "--max-tokens",
+        "4",
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(tmp_path / "p.png"),
+        "--json",
+        str(tmp_path / "p.json"),
+        "--no-progress",
+    ]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1  # some requests failed
     summary = json.loads((tmp_path / "p.json").read_text())
