@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
 
-@pytest.mark.slow
+@pytest.mark.model
 def test_embedding_example_runs_on_the_embedded_model(tmp_path: Path) -> None:
     section = README.split("## Embedding it", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S)
@@ -23,8 +23,9 @@ def test_embedding_example_runs_on_the_embedded_model(tmp_path: Path) -> None:
     script = tmp_path / "example.py"
     script.write_text(code.group(1))
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240,
-                         env=env, cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip(), "the example streamed no text"
 

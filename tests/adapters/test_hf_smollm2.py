@@ -11,13 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from batcher.adapters._hf import HFBackend
+from batcher.adapters.hf._backend import HFBackend
 
 from batcher import BatchConfig, Batcher, NewSequence, PreparedPrompt, PrepareRequest, SamplingParams
 
 from .conftest import greedy, run_schedule, solo_greedy
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.model
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -127,7 +127,7 @@ def test_embedded_model_converts_once_into_a_fresh_cache(tmp_path: Path) -> None
     """A fresh machine: ``HFBackend()`` converts the wheel's GGUF, atomically, even when two
     processes race; the second load reuses the folder."""
     code = (
-        "from batcher.adapters._hf_load import embedded_model_dir; import sys; "
+        "from batcher.adapters.hf._load import embedded_model_dir; import sys; "
         "sys.stdout.write(str(embedded_model_dir()))"
     )
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path))
@@ -150,7 +150,7 @@ def test_embedded_model_converts_once_into_a_fresh_cache(tmp_path: Path) -> None
 def test_a_gguf_file_is_a_model_source() -> None:
     """``HFBackend(path.gguf)``: tokenizer and config straight from the GGUF (weights, de-quantized
     by transformers, load in ``start``; not done here, it is the 20 s conversion again)."""
-    from batcher.adapters._hf_load import embedded_gguf
+    from batcher.adapters.hf._load import embedded_gguf
 
     gguf = embedded_gguf()
     backend = HFBackend(str(gguf))

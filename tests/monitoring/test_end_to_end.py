@@ -36,7 +36,7 @@ from ._load import Load
 
 LOAD_S = 16.0
 OUTCOMES_DRIVEN = ("finished", "cancelled", "deadline", "overloaded", "failed", "rejected")
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.prometheus]
 
 
 @dataclass(frozen=True)
@@ -49,8 +49,7 @@ class Stack:
     exposition: str
 
     def range_query(self, expr: str) -> list[dict[str, Any]]:
-        data = prom_api(self.prometheus, "query_range", query=expr, start=self.start,
-                        end=self.end, step=1)
+        data = prom_api(self.prometheus, "query_range", query=expr, start=self.start, end=self.end, step=1)
         return list(data["result"])
 
 
@@ -73,18 +72,23 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("monitoring")
     port = free_port()
     server = f"http://127.0.0.1:{port}"
-    flags = ["--max-queue", "8", "--max-batch-size", "8", "--default-deadline", "2",
-             "--log-level", "warning"]
-    with running(server_command(port, *flags), tmp / "server.log", f"{server}/ready"), \
-            prometheus(f"127.0.0.1:{port}", tmp / "prometheus") as prom:
+    flags = ["--max-queue", "8", "--max-batch-size", "8", "--default-deadline", "2", "--log-level", "warning"]
+    with (
+        running(server_command(port, *flags), tmp / "server.log", f"{server}/ready"),
+        prometheus(f"127.0.0.1:{port}", tmp / "prometheus") as prom,
+    ):
         start = time.time()
         statuses = asyncio.run(Load(server, LOAD_S).run())
         status, body = http_get(f"{server}/metrics")
         assert status == 200
         exposition = body.decode()
-        total = sum(s.value for f in text_string_to_metric_families(exposition)
-                    if f.name == "batcher_requests" for s in f.samples
-                    if s.name == "batcher_requests_total")
+        total = sum(
+            s.value
+            for f in text_string_to_metric_families(exposition)
+            if f.name == "batcher_requests"
+            for s in f.samples
+            if s.name == "batcher_requests_total"
+        )
         wait_for_scrape(prom, total)
         yield Stack(server, prom, start - 2, time.time(), statuses, exposition)
 
@@ -144,10 +148,26 @@ def test_render_dashboard_draws_every_panel(stack: Stack, tmp_path: Path) -> Non
     out = tmp_path / "dashboard.png"
     minutes = (stack.end - stack.start) / 60
     done = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "render_dashboard.py"), "--prometheus",
-         stack.prometheus, "--out", str(out), "--end", str(stack.end), "--minutes", f"{minutes:.3f}",
-         "--step", "1", "--rate-interval", "15s"],
-        capture_output=True, text=True, timeout=60)
+        [
+            sys.executable,
+            str(ROOT / "examples" / "render_dashboard.py"),
+            "--prometheus",
+            stack.prometheus,
+            "--out",
+            str(out),
+            "--end",
+            str(stack.end),
+            "--minutes",
+            f"{minutes:.3f}",
+            "--step",
+            "1",
+            "--rate-interval",
+            "15s",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) < 300_000

@@ -43,6 +43,7 @@ async def first_event(lines: Any) -> dict[str, Any]:
     raise AssertionError("stream ended before its first event")
 
 
+@pytest.mark.slow
 async def test_disconnect_cancels_the_request_and_the_batch_shrinks(
     server_factory: Factory,
 ) -> None:
@@ -50,16 +51,17 @@ async def test_disconnect_cancels_the_request_and_the_batch_shrinks(
     # not at the next write.
     server = server_factory(*FAKE, "--fake-step", "0.5", "--fake-step-per-seq", "0")
     body = {"prompt": "a long story", "max_tokens": 10, "stream": True}
-    async with httpx.AsyncClient(base_url=server.url, timeout=30) as http, \
-            httpx.AsyncClient(base_url=server.url, timeout=30) as leaver:
+    async with (
+        httpx.AsyncClient(base_url=server.url, timeout=30) as http,
+        httpx.AsyncClient(base_url=server.url, timeout=30) as leaver,
+    ):
         async with http.stream("POST", "/v1/completions", json=body) as stay:
             stay_lines = stay.aiter_lines()
             async with leaver.stream("POST", "/v1/completions", json=body) as leave:
                 await first_event(leave.aiter_lines())
                 await wait_for(lambda: _running_is(http, 2), 5, "both requests running")
             # leaving the block closed the connection mid-stream
-            took = await wait_for(
-                lambda: _cancelled_is(http, 1), 2, "the cancelled outcome in /metrics")
+            took = await wait_for(lambda: _cancelled_is(http, 1), 2, "the cancelled outcome in /metrics")
             assert took < 0.4, f"disconnect noticed after {took:.2f} s, not promptly"
             await wait_for(lambda: _running_is(http, 1), 2, "the batch to shrink to 1")
             # the other stream is unaffected and completes
@@ -79,10 +81,13 @@ async def _cancelled_is(http: httpx.AsyncClient, n: int) -> bool:
 
 async def test_non_streaming_disconnect_cancels_too(server_factory: Factory) -> None:
     server = server_factory(*FAKE, "--fake-step", "0.2")
-    async with httpx.AsyncClient(base_url=server.url, timeout=30) as http, \
-            httpx.AsyncClient(base_url=server.url, timeout=30) as leaver:
+    async with (
+        httpx.AsyncClient(base_url=server.url, timeout=30) as http,
+        httpx.AsyncClient(base_url=server.url, timeout=30) as leaver,
+    ):
         request = asyncio.ensure_future(
-            leaver.post("/v1/completions", json={"prompt": "slow", "max_tokens": 100}))
+            leaver.post("/v1/completions", json={"prompt": "slow", "max_tokens": 100})
+        )
         await wait_for(lambda: _running_is(http, 1), 5, "the request running")
         request.cancel()  # drops the connection
         with pytest.raises(asyncio.CancelledError):
@@ -91,13 +96,12 @@ async def test_non_streaming_disconnect_cancels_too(server_factory: Factory) -> 
         await wait_for(lambda: _running_is(http, 0), 2, "the batch to empty")
 
 
+@pytest.mark.slow
 async def test_queue_full_is_429_with_retry_after(server_factory: Factory) -> None:
-    server = server_factory(*FAKE, "--fake-step", "0.1", "--max-queue", "2",
-                            "--max-batch-size", "1")
+    server = server_factory(*FAKE, "--fake-step", "0.1", "--max-queue", "2", "--max-batch-size", "1")
     async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
         body = {"prompt": "p", "max_tokens": 10}
-        results = await asyncio.gather(*(http.post("/v1/completions", json=body)
-                                         for _ in range(8)))
+        results = await asyncio.gather(*(http.post("/v1/completions", json=body) for _ in range(8)))
         statuses = sorted(r.status_code for r in results)
         assert statuses.count(200) >= 2 and statuses.count(429) >= 1, statuses
         assert set(statuses) == {200, 429}
@@ -105,8 +109,7 @@ async def test_queue_full_is_429_with_retry_after(server_factory: Factory) -> No
             if r.status_code == 429:
                 assert int(r.headers["retry-after"]) >= 1
                 assert r.json()["error"]["code"] == "queue_full"
-        assert await scrape(http, "batcher_requests_total", outcome="overloaded") == \
-            statuses.count(429)
+        assert await scrape(http, "batcher_requests_total", outcome="overloaded") == statuses.count(429)
         # a streaming request is refused the same way, before any SSE byte: fill the queue
         # (one running, two waiting) one request at a time, then stream
         pending = []
@@ -119,14 +122,14 @@ async def test_queue_full_is_429_with_retry_after(server_factory: Factory) -> No
         assert [p.status_code for p in await asyncio.gather(*pending)] == [200] * 3
     async with openai.AsyncOpenAI(base_url=server.api, api_key="x", max_retries=0) as client:
         with pytest.raises(openai.RateLimitError):
-            await asyncio.gather(*(client.completions.create(model="m", prompt="p", max_tokens=10)
-                                   for _ in range(8)))
+            await asyncio.gather(
+                *(client.completions.create(model="m", prompt="p", max_tokens=10) for _ in range(8))
+            )
 
 
 async def _queue_depth_is(http: httpx.AsyncClient, depth: int) -> bool:
     text = (await http.get("/metrics")).text
-    return metric(text, "batcher_queue_depth") == depth and metric(
-        text, "batcher_running_requests") == 1
+    return metric(text, "batcher_queue_depth") == depth and metric(text, "batcher_running_requests") == 1
 
 
 async def test_api_key(server_factory: Factory) -> None:
@@ -137,8 +140,9 @@ async def test_api_key(server_factory: Factory) -> None:
         r = await http.get("/v1/models")
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
         assert r.headers["www-authenticate"] == "Bearer"
-        r = await http.post("/v1/completions", json={"prompt": "x"},
-                            headers={"authorization": "Bearer wrong"})
+        r = await http.post(
+            "/v1/completions", json={"prompt": "x"}, headers={"authorization": "Bearer wrong"}
+        )
         assert r.status_code == 401
         r = await http.get("/v1/models", headers={"authorization": "Bearer s3cret"})
         assert r.status_code == 200
@@ -153,8 +157,10 @@ async def test_api_key(server_factory: Factory) -> None:
 async def test_sigterm_drains_running_streams_then_exits_0(server_factory: Factory) -> None:
     server = server_factory(*FAKE, "--fake-step", "0.05", "--drain-timeout", "20")
     body = {"prompt": "drain me", "max_tokens": 30, "stream": True}
-    async with httpx.AsyncClient(base_url=server.url, timeout=30) as http, \
-            httpx.AsyncClient(base_url=server.url, timeout=30) as other:
+    async with (
+        httpx.AsyncClient(base_url=server.url, timeout=30) as http,
+        httpx.AsyncClient(base_url=server.url, timeout=30) as other,
+    ):
         async with http.stream("POST", "/v1/completions", json=body) as r:
             lines = r.aiter_lines()
             first = await first_event(lines)
@@ -163,8 +169,11 @@ async def test_sigterm_drains_running_streams_then_exits_0(server_factory: Facto
             assert (await other.get("/health")).status_code == 200
             refused = await other.post("/v1/completions", json={"prompt": "late"})
             assert refused.status_code == 503 and refused.json()["error"]["code"] == "draining"
-            events = [json.loads(line[6:]) async for line in lines
-                      if line.startswith("data: ") and line != "data: [DONE]"]
+            events = [
+                json.loads(line[6:])
+                async for line in lines
+                if line.startswith("data: ") and line != "data: [DONE]"
+            ]
     text = first["choices"][0]["text"] + "".join(e["choices"][0]["text"] for e in events)
     assert text == expected_text("drain me", 30)
     assert events[-1]["choices"][0]["finish_reason"] == "length"
@@ -202,9 +211,18 @@ async def test_deadline_is_504_or_an_sse_timeout_event(server_factory: Factory) 
         assert await scrape(http, "batcher_requests_total", outcome="deadline") == 2
 
 
+@pytest.mark.slow
 def test_a_model_that_fails_to_load_exits_1(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "batcher.adapters._cli", "serve", "--port", str(free_port()),
-           "--model", str(tmp_path / "no-such-model")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "batcher.adapters._cli",
+        "serve",
+        "--port",
+        str(free_port()),
+        "--model",
+        str(tmp_path / "no-such-model"),
+    ]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert r.returncode == 1
     assert "could not load the model" in r.stderr

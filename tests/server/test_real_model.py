@@ -11,10 +11,26 @@ import pytest
 
 from .conftest import Server, start_server
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.model
 
-TOPICS = ["the sea", "a lighthouse", "autumn", "bread", "trains", "owls", "rain", "chess",
-          "the moon", "bicycles", "tea", "volcanoes", "libraries", "snow", "bees", "rivers"]
+TOPICS = [
+    "the sea",
+    "a lighthouse",
+    "autumn",
+    "bread",
+    "trains",
+    "owls",
+    "rain",
+    "chess",
+    "the moon",
+    "bicycles",
+    "tea",
+    "volcanoes",
+    "libraries",
+    "snow",
+    "bees",
+    "rivers",
+]
 MAX_TOKENS = 10
 
 
@@ -28,8 +44,7 @@ def real_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 @pytest.fixture
 async def client(real_server: Server) -> AsyncIterator[openai.AsyncOpenAI]:
-    async with openai.AsyncOpenAI(base_url=real_server.api, api_key="x", max_retries=0,
-                                  timeout=120) as c:
+    async with openai.AsyncOpenAI(base_url=real_server.api, api_key="x", max_retries=0, timeout=120) as c:
         yield c
 
 
@@ -65,8 +80,7 @@ async def test_32_concurrent_streams_equal_their_solo_greedy_outputs(
         assert batched == alone, f"request {i}: {batched!r} != solo {alone!r}"
     async with httpx.AsyncClient(base_url=real_server.url) as http:
         text = (await http.get("/metrics")).text
-    assert 'batcher_requests_total{engine="0",model="SmolLM2-135M-Instruct",outcome="finished"}' \
-        in text
+    assert 'batcher_requests_total{engine="0",model="SmolLM2-135M-Instruct",outcome="finished"}' in text
 
 
 async def test_prompt_over_the_context_window_is_400(real_server: Server) -> None:
@@ -78,6 +92,7 @@ async def test_prompt_over_the_context_window_is_400(real_server: Server) -> Non
 
 async def test_usage_counts_real_tokens(client: openai.AsyncOpenAI) -> None:
     r = await client.chat.completions.create(
-        model="m", messages=[{"role": "user", "content": "Say hi."}], max_tokens=5)
+        model="m", messages=[{"role": "user", "content": "Say hi."}], max_tokens=5
+    )
     assert r.usage.prompt_tokens > 5 and 1 <= r.usage.completion_tokens <= 5
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
