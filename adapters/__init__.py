@@ -1,8 +1,8 @@
 """Model backends and framework glue for llm-batcher (installed as ``batcher.adapters``).
 
 Layout (dependencies point to ``batcher``, never back):
-    _hf, _hf_*   HFBackend: continuous batching for Hugging Face causal LMs (the [hf] extra)
-    _server*     the OpenAI-compatible ASGI app (the [server] extra)
+    hf/          HFBackend: continuous batching for Hugging Face causal LMs (the [hf] extra)
+    server/      the OpenAI-compatible ASGI app (the [server] extra)
     _cli         the ``llm-batcher`` console script
 
 Heavy dependencies load on first use of a name, never on ``import batcher.adapters``.
@@ -14,12 +14,12 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ._hf import HFBackend
-    from ._server import create_app
+    from .hf import HFBackend
+    from .server import create_app
 
 __all__ = ["HFBackend", "create_app"]
 
-_WHERE = {"HFBackend": ("._hf", "hf"), "create_app": ("._server", "server")}
+_WHERE = {"HFBackend": (".hf", "hf"), "create_app": (".server", "server")}
 
 
 def __getattr__(name: str) -> Any:

@@ -85,8 +85,8 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
 
 
 def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Any:
-    """Flags and environment → :class:`~batcher.adapters._server.ServerSettings`."""
-    from ._server import ServerSettings
+    """Flags and environment → :class:`~batcher.adapters.server._app.ServerSettings`."""
+    from .server._app import ServerSettings
 
     parser = _parser(os.environ if env is None else env)
     args = parser.parse_args(argv)
@@ -115,16 +115,11 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``llm-batcher``."""
-    # Before torch loads. A server usually shares its machine (clients, load generators, other
-    # services), where OpenMP threads that spin while idle stall every step 3-10x (measured here);
-    # passive waiting costs ~25 % of step time on an idle machine. On a dedicated machine, set
-    # OMP_WAIT_POLICY=ACTIVE yourself.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     settings = parse_settings(argv)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    from ._server import serve
+    from .server._app import serve
 
     return serve(settings)
 

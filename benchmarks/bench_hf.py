@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from batcher.adapters._hf import HFBackend
+from batcher.adapters.hf._backend import HFBackend
 from tqdm import tqdm
 
 from batcher import BatchConfig, Batcher

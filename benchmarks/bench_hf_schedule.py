@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from batcher.adapters._hf import HFBackend
+from batcher.adapters.hf._backend import HFBackend
 from bench_hf import workload
 
 from batcher import NewSequence, SamplingParams

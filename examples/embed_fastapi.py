@@ -29,7 +29,7 @@ def _backend() -> object:
         from batcher import FakeBackend
 
         return FakeBackend(step_time_s=0.02)
-    from batcher.adapters._hf import HFBackend
+    from batcher.adapters.hf._backend import HFBackend
 
     return HFBackend()
 

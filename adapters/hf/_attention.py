@@ -12,7 +12,7 @@ product; only attention needs to know which token belongs to which row.
 How
 ---
 :class:`StepPlan` says where every token of the call goes. The slab's cache layer
-(``_hf_cache.KVSlab.update``) writes the call's new keys/values into their rows and columns (and
+(``_cache.KVSlab.update``) writes the call's new keys/values into their rows and columns (and
 copies the reused chat prefix into newcomers' rows), and :func:`slab_attention`, registered with
 transformers' ``AttentionInterface`` as ``"llm_batcher_slab"``, runs attention per part with
 transformers' own SDPA function: the decode rows together (one query each, their window of the

@@ -4,17 +4,17 @@ A :class:`~batcher.GenerationBackend` (see ``batcher/_backend.py`` for which thr
 verb). One :meth:`HFBackend.step`:
 
 1. *drop*: cancelled rows leave the KV slab (swap-remove, then trim padding columns).
-2. *one packed forward call* (``_hf_attention``): the running rows' last tokens and the
+2. *one packed forward call* (``_attention``): the running rows' last tokens and the
    newcomers' prompts, unpadded, as one ``[1, T]`` sequence. The linear layers run one ``T``-row
    product; attention runs per part (the decode rows together over their left-padded window of
    the slab, each newcomer causally over its own row). New keys/values are written in place: the
    decode rows' into column ``end``, each newcomer's into a fresh row, its prompt ending in that
    same column, so the merge costs no copy. The chat template's fixed prefix is not recomputed
-   (its keys/values are copied in, ``_hf_prefill``), and logits are computed for each row's last
+   (its keys/values are copied in, ``_prefix``), and logits are computed for each row's last
    token only.
-3. Every row's token is chosen (greedy rows in one ``argmax``, see ``_hf_sampling``), detokenized
-   incrementally (``_hf_detok``) and checked for EOS, stop strings and ``max_tokens``
-   (``_hf_rows``); finished rows leave the slab at once and their memory is reused. When the batch
+3. Every row's token is chosen (greedy rows in one ``argmax``, see ``_sampling``), detokenized
+   incrementally (``_detok``) and checked for EOS, stop strings and ``max_tokens``
+   (``_rows``); finished rows leave the slab at once and their memory is reused. When the batch
    empties, the slab is freed.
 
 So every step advances every running row, arrivals never stall them, and no position is padding.
@@ -25,10 +25,10 @@ cost is close to proportional to the positions it computes.)
 ``StepResult.computed_tokens`` counts the positions of the packed call (a decode row is 1, a
 newcomer its prompt less any reused prefix); ``padding_tokens`` is always 0.
 
-Modules: ``_hf_attention`` the packed call's plan and attention, ``_hf_cache`` the slab (layout,
-merge/filter/trim), ``_hf_prefill`` prefix reuse, ``_hf_rows`` per-sequence state,
-``_hf_sampling``, ``_hf_detok``, ``_hf_fast`` (CPU: linear layers on oneDNN with prepacked
-weights), ``_hf_load`` (finding/converting/describing models, the embedded SmolLM2, the default
+Modules: ``_attention`` the packed call's plan and attention, ``_cache`` the slab (layout,
+merge/filter/trim), ``_prefix`` prefix reuse, ``_rows`` per-sequence state,
+``_sampling``, ``_detok``, ``_cpu_linear`` (CPU: linear layers on oneDNN with prepacked
+weights), ``_load`` (finding/converting/describing models, the embedded SmolLM2, the default
 dtype).
 
 Where the time goes (SmolLM2-135M, 2-core AMD EPYC Zen 4 CPU, float32): a decode step is ~80 % matrix
@@ -89,10 +89,11 @@ from batcher import (
     StepResult,
 )
 
-from ._hf_attention import ATTENTION, NewRow, StepPlan, prefix_mask
-from ._hf_cache import KVSlab, SlabCache
-from ._hf_fast import pack_linears
-from ._hf_load import (
+from ._attention import ATTENTION, NewRow, StepPlan, prefix_mask
+from ._cache import KVSlab, SlabCache
+from ._cpu_linear import pack_linears
+from ._load import (
+    cache_keyword,
     check_cache_compatible,
     default_kv_gb,
     eos_ids,
@@ -103,9 +104,9 @@ from ._hf_load import (
     resolve_dtype,
     resolve_source,
 )
-from ._hf_prefill import chat_prefix, prefix_skip
-from ._hf_rows import Row
-from ._hf_sampling import sample
+from ._prefix import chat_prefix, prefix_skip
+from ._rows import Row
+from ._sampling import sample
 
 __all__ = ["HFBackend"]
 
@@ -174,6 +175,7 @@ class HFBackend:
         self._no_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
         self._prefix: list[int] = []  # the chat-template prefix whose KV is reused
         self.packed_linears = 0
+        self._cache_kw = "cache"  # the forward keyword for the KV cache (see ``cache_keyword``)
 
     # -- the four verbs ---------------------------------------------------------------------
     def start(self) -> None:
@@ -183,7 +185,7 @@ class HFBackend:
         kw = dict(self._load_kw, dtype=self.dtype)
         model: Any = AutoModelForCausalLM.from_pretrained(self._source, **kw)
         try:
-            model.set_attn_implementation(ATTENTION)  # packed slab attention (``_hf_attention``)
+            model.set_attn_implementation(ATTENTION)  # packed slab attention (``_attention``)
         except (ValueError, ImportError, KeyError) as exc:
             raise InvalidRequest(
                 f"{self.model_name}: its attention cannot be replaced by HFBackend's packed slab "
@@ -191,6 +193,7 @@ class HFBackend:
                 field="model",
             ) from exc
         self.model = model.to(self.device).eval()
+        self._cache_kw = cache_keyword(self.model)
         self.packed_linears = pack_linears(self.model)  # CPU: oneDNN prepacked weights
         text = self.model.config.get_text_config()
         self._slab = KVSlab(
@@ -351,8 +354,8 @@ class HFBackend:
                 input_ids=torch.tensor([plan.ids], device=dev),
                 attention_mask=self._no_mask,  # 4-D: transformers builds no mask of its own
                 position_ids=torch.tensor([plan.positions], device=dev),
-                past_key_values=self._cache,
                 use_cache=True,
+                **{self._cache_kw: self._cache},
                 logits_to_keep=torch.tensor(plan.last_positions(), device=dev),
                 slab_plan=plan,
             )
@@ -380,7 +383,7 @@ class HFBackend:
         return False
 
     def _build_prefix(self) -> None:
-        """Compute the keys/values of the chat template's fixed prefix once (``_hf_prefill``)."""
+        """Compute the keys/values of the chat template's fixed prefix once (``_prefix``)."""
         slab = self._slab
         assert slab is not None
         prefix = chat_prefix(self._decode_tokenizer)  # the device thread's own tokenizer

@@ -16,7 +16,7 @@ window has, or rows run out; then the live window is copied once.
 
 Continuous batching on the slab (the TGI ``CausalLMBatch`` filter/concatenate design, in place):
 
-* *merge*: newcomers are prefilled in the same forward call as the decode rows (``_hf_attention``)
+* *merge*: newcomers are prefilled in the same forward call as the decode rows (``_attention``)
   straight into rows ``n .. n+m-1``, their prompts ending in the column the decode rows write.
   No copy.
 * *filter*: a finished or cancelled row is replaced by the last live row (one row copy).
@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ._hf_attention import StepPlan
+from ._attention import StepPlan
 
 __all__ = ["KVSlab", "SlabCache"]
 
@@ -163,7 +163,7 @@ class KVSlab:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the call's new keys/values ``[1, kv_heads, T, dim]`` where the plan says (decode
         rows at column ``col``; each newcomer's queries ending at ``col``, its reused prefix
-        before them); return the whole layer (attention slices it, see ``_hf_attention``)."""
+        before them); return the whole layer (attention slices it, see ``_attention``)."""
         plan = self.plan
         assert plan is not None, "KVSlab.update outside a planned step"
         plan.updates += 1

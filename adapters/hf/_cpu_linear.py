@@ -43,7 +43,7 @@ class PackedLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # oneDNN caches one primitive per input shape, so the packed path takes a bounded set of
         # shapes: packed calls of at most _SMALL positions ([1, T, features], see
-        # ``_hf_attention``). Call sizes vary without end (RSS crept up ~50 MB per 1,000 requests
+        # ``_attention``). Call sizes vary without end (RSS crept up ~50 MB per 1,000 requests
         # when every prefill used this path).
         rows = x.numel() // self.in_features
         if _FEW_ROWS <= rows <= _SMALL:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import inspect
 import os
 import shutil
 import tempfile
@@ -37,6 +38,7 @@ from batcher import InvalidRequest
 
 __all__ = [
     "EMBEDDED_NAME",
+    "cache_keyword",
     "cache_root",
     "check_cache_compatible",
     "cpu_has_fast_bf16",
@@ -147,9 +149,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     try:
         return _DTYPES[dtype]
     except KeyError:
-        raise ValueError(
-            f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}"
-        ) from None
+        raise ValueError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}") from None
 
 
 # -- describing a model ---------------------------------------------------------------------------
@@ -167,6 +167,13 @@ def resolve_source(
     kw = {"gguf_file": gguf_file} if gguf_file else {}
     name = Path(gguf_file).stem if gguf_file else path.name if path.is_dir() else str(model)
     return str(model), kw, name
+
+
+def cache_keyword(model: Any) -> str:
+    """The keyword a model's ``forward`` takes its KV cache by: ``cache`` from transformers 5.24
+    on, ``past_key_values`` before (still accepted there, with a deprecation warning)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def check_cache_compatible(config: Any) -> None:

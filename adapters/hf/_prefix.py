@@ -9,7 +9,7 @@ with the prefix ids, so the result is the same computation (in float32 the tests
 equal solo ``generate``).
 
 (Newcomers used to be left-padded into groups of similar length, one forward call per group; now
-every prompt rides unpadded in the step's one packed call, see ``_hf_attention``.)
+every prompt rides unpadded in the step's one packed call, see ``_attention``.)
 """
 
 from __future__ import annotations

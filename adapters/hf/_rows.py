@@ -1,6 +1,6 @@
 """Per-sequence state of :class:`~batcher.adapters.HFBackend` and how one new token ends it.
 
-A row's keys/values live in the KV slab (``_hf_cache``); this is the rest: sampling parameters and
+A row's keys/values live in the KV slab (``_cache``); this is the rest: sampling parameters and
 generator, incremental detokenizer, stop-string matcher, position, token count. :meth:`Row.advance`
 turns one token into a :class:`~batcher.SeqOutput`: EOS ends with ``"stop"`` (its text is not
 shown), a stop string ends with ``"stop"`` before the stop string, ``max_tokens`` (or the context
@@ -16,8 +16,8 @@ from typing import Any
 
 from batcher import FinishReason, SamplingParams, SeqOutput, StopMatcher
 
-from ._hf_detok import Detokenizer
-from ._hf_sampling import RowSampler
+from ._detok import Detokenizer
+from ._sampling import RowSampler
 
 __all__ = ["Row"]
 

@@ -1,9 +1,9 @@
 """The OpenAI-compatible example server: an ASGI app over one :class:`batcher.Batcher`.
 
 Layout:
-    _server          settings, the app factory (routes, error mapping, lifespan), ``serve()``
-    _server_openai   request models and the response/SSE bodies of the OpenAI wire format
-    _server_asgi     the gate middleware (metrics, body limit, drain, auth) and the SSE response
+    _app             settings, the app factory (routes, error mapping, lifespan), ``serve()``
+    _openai          request models and the response/SSE bodies of the OpenAI wire format
+    _asgi            the gate middleware (metrics, body limit, drain, auth) and the SSE response
 
 Life of the process: the app listens at once; the model loads in the background (``/ready`` is
 503 until it has). On SIGTERM or SIGINT the server drains: ``/ready`` and new ``/v1`` requests get
@@ -48,8 +48,8 @@ from batcher import (
     RequestFailed,
 )
 
-from ._server_asgi import CLIENT_CLOSED, EventStream, Gate, until_disconnect
-from ._server_openai import (
+from ._asgi import CLIENT_CLOSED, EventStream, Gate, until_disconnect
+from ._openai import (
     SSE_DONE,
     ChatRequest,
     CompletionRequest,
@@ -91,7 +91,7 @@ def make_backend(settings: ServerSettings) -> Any:
     """Build the generation backend the settings name (the HF one imports torch: call off-loop)."""
     if settings.model == "fake":
         return FakeBackend(step_time_s=settings.fake_step_s, step_time_per_seq_s=settings.fake_step_per_seq_s)
-    from ._hf import HFBackend
+    from ..hf import HFBackend
 
     # model None: the embedded SmolLM2. dtype "auto" and device "cpu" are HFBackend's defaults.
     return HFBackend(settings.model, dtype=settings.dtype or "auto", device=settings.device or "cpu")

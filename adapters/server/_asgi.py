@@ -24,7 +24,7 @@ import anyio
 from prometheus_client import CollectorRegistry, Counter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ._server_openai import error_body
+from ._openai import error_body
 
 __all__ = ["EventStream", "Gate", "until_disconnect"]
 

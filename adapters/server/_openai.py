@@ -1,6 +1,6 @@
 """The OpenAI wire format of the example server: request models, response bodies, SSE chunks, errors.
 
-Pure functions and pydantic models, no I/O: the ASGI layer (``_server``) calls them. Request models
+Pure functions and pydantic models, no I/O: the ASGI layer (``_app``) calls them. Request models
 ignore fields we do not use (clients send ``user``, ``logit_bias: null``...), but a field that would
 change the output and that we cannot honour (``n > 1``, ``echo``, ``logprobs``, ``best_of > 1``,
 token-id prompts, non-text message parts) is refused with a 400 that names it.

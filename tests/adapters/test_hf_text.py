@@ -4,8 +4,8 @@ context limits (``prepare``)."""
 from __future__ import annotations
 
 import pytest
-from batcher.adapters._hf import HFBackend
-from batcher.adapters._hf_detok import Detokenizer
+from batcher.adapters.hf._backend import HFBackend
+from batcher.adapters.hf._detok import Detokenizer
 
 from batcher import InvalidRequest, NewSequence, PreparedPrompt, PrepareRequest, PromptTooLong, SamplingParams
 

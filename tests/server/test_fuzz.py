@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 import schemathesis
-from batcher.adapters._server import ServerSettings, create_app
+from batcher.adapters.server._app import ServerSettings, create_app
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
