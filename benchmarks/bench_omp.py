@@ -25,12 +25,12 @@ import sys
 import time
 
 POLICIES: dict[str, dict[str, str]] = {
-    "libgomp default (GOMP_SPINCOUNT=300000)": {"GOMP_SPINCOUNT": "300000"},
+    "GOMP_SPINCOUNT=300000": {"GOMP_SPINCOUNT": "300000"},
     "OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
     "GOMP_SPINCOUNT=1000": {"GOMP_SPINCOUNT": "1000"},
     "GOMP_SPINCOUNT=10000": {"GOMP_SPINCOUNT": "10000"},
     "GOMP_SPINCOUNT=100000": {"GOMP_SPINCOUNT": "100000"},
-    "llm-batcher's default (nothing set)": {},
+    "nothing set (libgomp default)": {},
 }
 _OMP_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
