@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from batcher import InvalidRequest
+from batcher import BatcherError, InvalidRequest
 
 from ._args import add_subcommands
 
@@ -37,7 +37,10 @@ def run(args: argparse.Namespace) -> int:
             from ._selftest import run_selftest
 
             return run_selftest(args)
-    except InvalidRequest as e:
+    except InvalidRequest as e:  # a bad flag value, prompt file or backend spec
         print(f"llm-batcher {args.command}: {e}", file=sys.stderr)
         return 2
+    except BatcherError as e:  # the backend failed or refused a request on the way
+        print(f"llm-batcher {args.command} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     raise ValueError(f"unknown command {args.command!r}: expected 'bench' or 'selftest'")

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from batcher import BatchConfig, Batcher, GenerationBackend, Prompt
+from batcher import BatchConfig, Batcher, GenerationBackend, InvalidRequest, Prompt
 
 from . import _plot
 from ._analysis import (
@@ -168,7 +168,8 @@ async def _sweep(
                     on_request_done=bar.update,
                 )
             levels.append(level)
-            print(_row(level, level.tokens_per_s / levels[0].tokens_per_s), file=out, flush=True)
+            base = levels[0].tokens_per_s
+            print(_row(level, level.tokens_per_s / base if base else math.nan), file=out, flush=True)
     return levels
 
 
@@ -196,7 +197,13 @@ def _fit_lines(amd: Fit, gus: Fit) -> list[str]:
     ]
 
 
-def _machine() -> dict[str, Any]:
+def _load_average() -> tuple[float, float, float] | None:
+    return os.getloadavg() if hasattr(os, "getloadavg") else None
+
+
+def _machine(load_at_start: tuple[float, float, float] | None) -> dict[str, Any]:
+    """The CPU, the OpenMP settings, and the 1/5/15-minute load averages at the start and end of
+    the run: on a shared machine every figure is noisy, and these say how noisy."""
     model = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -205,12 +212,18 @@ def _machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"cpus": os.cpu_count(), "cpu": model or platform.processor(), "load_average": load}
+    return {
+        "cpus": os.cpu_count(),
+        "cpu": model or platform.processor(),
+        "load_average_start": load_at_start,
+        "load_average_end": _load_average(),
+        "omp": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")},
+    }
 
 
 def _report(
     args: Namespace,
+    load_at_start: tuple[float, float, float] | None,
     backend: Any,
     prompts: int,
     levels: list[Level],
@@ -224,12 +237,12 @@ def _report(
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "model": getattr(backend, "model_name", args.model),
         "device": args.device,
-        "dtype": str(getattr(backend, "dtype", args.dtype)).removeprefix("torch."),
+        "dtype": str(backend.dtype).removeprefix("torch.") if hasattr(backend, "dtype") else None,
         "max_batch_size": args.max_batch_size,
         "max_tokens": args.max_tokens,
         "prompts": prompts,
         "mode": {"requests_per_level": args.requests_per_level, "duration_s": args.duration},
-        "machine": _machine(),
+        "machine": _machine(load_at_start),
         "levels": [
             {
                 **dataclasses.asdict(lv),
@@ -270,7 +283,13 @@ def run_bench(args: Namespace, out: TextIO = sys.stdout) -> int:
     work = prompts(args.prompts, BENCH_PROMPTS, chat=not args.completion)
     backend = make_backend(args)
     print(_HEADER, file=out, flush=True)
+    load_at_start = _load_average()
     levels = asyncio.run(_sweep(backend, work, args, out))
+    if not levels[0].tokens:
+        raise InvalidRequest(
+            f"N=1 delivered no token within its window ({levels[0].window_s:g} s): give a longer --duration",
+            field="duration",
+        )
     speedups = [lv.tokens_per_s / levels[0].tokens_per_s for lv in levels]
     ns = [lv.n for lv in levels]
     fits = fit_amdahl(ns, speedups), fit_gustafson(ns, speedups)
@@ -279,7 +298,7 @@ def run_bench(args: Namespace, out: TextIO = sys.stdout) -> int:
         advice = recommend(
             [lv.summary() for lv in levels], ttft_s=args.slo_ttft, itl_s=args.slo_itl, pct=args.slo_percentile
         )
-    report = _report(args, backend, len(work), levels, fits, advice)
+    report = _report(args, load_at_start, backend, len(work), levels, fits, advice)
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{STEM}.json").write_text(json.dumps(_finite(report), indent=2, allow_nan=False) + "\n")

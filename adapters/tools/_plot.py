@@ -28,13 +28,19 @@ def plot(path: Path, report: dict[str, Any]) -> None:
     _latency(right, report)
     m = report["machine"]
     fig.suptitle(
-        f"llm-batcher bench: {report['model']} on {report['device']} ({report['dtype']}), "
-        f"max_tokens {report['max_tokens']}; {m['cpus']} CPUs {m['cpu']}",
+        f"llm-batcher bench: {report['model']} on {report['device']}"
+        + (f" ({report['dtype']})" if report["dtype"] else "")
+        + f", max_tokens {report['max_tokens']}; {m['cpus']} CPUs {m['cpu']}, load {_load(m)}",
         fontsize=10,
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _load(machine: dict[str, Any]) -> str:
+    start, end = machine.get("load_average_start"), machine.get("load_average_end")
+    return "n/a" if not start or not end else f"{start[0]:.1f} -> {end[0]:.1f}"
 
 
 def _speedup(ax: Any, report: dict[str, Any]) -> None:

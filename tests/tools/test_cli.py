@@ -107,3 +107,12 @@ def test_importing_the_tools_loads_nothing_heavy() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_a_refused_request_or_an_empty_window_ends_bench_with_a_message() -> None:
+    too_long = run_tool("bench", "--model", "fake", "--max-batch-size", "1", "--max-tokens", "5000")
+    assert too_long.returncode == 2
+    assert "exceeds the context window of 4096 tokens" in too_long.stderr
+    no_token = run_tool("bench", "--model", "fake", "--max-batch-size", "1", "--duration", "0.001")
+    assert no_token.returncode == 2
+    assert "N=1 delivered no token within its window (0.001 s): give a longer --duration" in no_token.stderr
