@@ -68,7 +68,7 @@ def _speedup(ax: Any, report: dict[str, Any]) -> None:
     ax.plot(ns, speedups, "o", color="black", label="measured S(N) = tok/s(N) / tok/s(1)")
     for lv in levels:
         ax.annotate(
-            f"{lv['tokens_per_s']:.0f} tok/s",
+            f"{lv['tokens_per_s']:.3g} tok/s",
             (lv["n"], lv["speedup"]),
             textcoords="offset points",
             xytext=(4, -11),

@@ -88,7 +88,8 @@ async def _phases(
     config = BatchConfig(max_queue=max(256, 2 * len(prompts)))
     with progress_bar(total=2 * len(prompts), desc="selftest solo", unit="req") as bar:
         async with Batcher(backend, config) as batcher:
-            model = getattr(backend, "model", None)
+            model = getattr(backend, "model", None)  # a torch module to ask for logits, or None
+            model = model if hasattr(model, "parameters") else None
             solo = [_Run(i) for i in range(len(prompts))]
             for run in solo:
                 await _generate(batcher, prompts[run.index], run, max_tokens, _Progress())
