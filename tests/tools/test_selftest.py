@@ -88,7 +88,6 @@ def test_selftest_passes_on_the_embedded_model_in_float32() -> None:
     rows = _rows(done.stdout)
     assert [rows[f"#{i}"] for i in range(len(SELFTEST_PROMPTS))] == ["equal"] * len(SELFTEST_PROMPTS)
     assert "0 DIVERGED, 0 failed" in done.stdout and done.stdout.rstrip().endswith("PASS")
-    print(done.stdout)  # the report quotes it
 
 
 @pytest.mark.model
@@ -111,4 +110,3 @@ def test_selftest_fails_on_an_hf_backend_that_leaks_tokens_between_rows(tmp_path
     assert f"DIVERGED: {label}: " in done.stdout
     assert SELFTEST_PROMPTS[int(label[1:])][:39] in done.stdout.split("\nDIVERGED: ", 1)[1]
     assert done.stdout.rstrip().endswith("FAIL")
-    print(done.stdout)
