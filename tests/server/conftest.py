@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -57,9 +58,14 @@ class Server:
 
 
 def start_server(
-    tmp: Path, *args: str, ready_timeout: float = 60.0, env: dict[str, str] | None = None
+    tmp: Path,
+    *args: str,
+    ready_timeout: float = 60.0,
+    env: dict[str, str] | None = None,
+    max_files: int | None = None,
 ) -> Server:
-    """Start ``llm-batcher serve ARGS`` on a free port and wait until /ready answers 200."""
+    """Start ``llm-batcher serve ARGS`` on a free port and wait until /ready answers 200
+    (``max_files``: the server's ``ulimit -n``, soft and hard)."""
     port = free_port()
     log = tmp / f"server-{port}.log"
     cmd = [
@@ -76,7 +82,14 @@ def start_server(
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_BATCHER_")}
     full_env |= env or {}
     with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=full_env)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=full_env,
+            preexec_fn=None if max_files is None else lambda: _limit_files(max_files),
+        )
     server = Server(f"http://127.0.0.1:{port}", proc, log)
     deadline = time.monotonic() + ready_timeout
     while time.monotonic() < deadline:
@@ -90,6 +103,10 @@ def start_server(
         time.sleep(0.05)
     server.stop()
     raise AssertionError(f"server not ready in {ready_timeout} s:\n{server.output()[-3000:]}")
+
+
+def _limit_files(n: int) -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
 
 
 @pytest.fixture
