@@ -1,20 +1,26 @@
 """The OpenAI-compatible example server: an ASGI app over one :class:`batcher.Batcher`.
 
-Layout:
+Layout (reference: ``docs/server.md``):
     _app             settings, the app factory (routes, error mapping, lifespan), ``serve()``
+    _fields          the one table of request fields: supported, ignored, refused
     _openai          request models and the response/SSE bodies of the OpenAI wire format
-    _asgi            the gate middleware (metrics, body limit, drain, auth) and the SSE response
+    _limits          refusing a prompt by size before tokenizing; the derived body limit
+    _auth            API keys, their tenants and weights
+    _asgi            the gate middleware (metrics, body limit, availability, auth) and the SSE response
+    _protocol        uvicorn's h11 protocol with head/body deadlines, a connection cap, JSON 400s
 
 Life of the process: the app listens at once; the model loads in the background (``/ready`` is
-503 until it has). On SIGTERM or SIGINT the server drains: ``/ready`` and new ``/v1`` requests get
-503, running streams go on until they finish or the drain timeout ends them
-(``Batcher.aclose(timeout)``), then uvicorn stops and the process exits 0. A second signal forces
-an immediate exit.
+503 until it has, with a log line before and after; the GGUF conversion and the weights show
+transformers' progress bars). On SIGTERM or SIGINT the server drains: ``/ready`` and new ``/v1``
+requests get 503, running streams go on until they finish or the drain timeout ends them
+(``Batcher.aclose(timeout)``), then uvicorn stops and the process exits 0. A second signal ends
+every open response with an error (see :class:`_DrainingServer`) and exits 1.
 
 Errors map to statuses before a stream starts (entering ``Batcher.stream`` admits and tokenizes):
-400 bad input (413 body too large), 401 auth, 429 queue full with ``Retry-After``, 503 draining or
-loading, 504 deadline passed, 500 only for a backend failure. After the SSE response started, an
-error is sent as one ``data: {"error": ...}`` event, then ``data: [DONE]``.
+400 bad input, 404 unknown model, 413 body too large, 401 auth, 429 queue full with
+``Retry-After``, 503 draining or loading, 504 deadline passed, 500 only for a backend failure.
+After the SSE response started, an error is sent as one ``data: {"error": ...}`` event, then
+``data: [DONE]``.
 """
 
 from __future__ import annotations
@@ -172,6 +178,7 @@ class ServerState:
         started = time.monotonic()
         try:
             backend = await asyncio.to_thread(self.backend_factory)
+            size = await asyncio.to_thread(PromptLimits.for_backend, backend, self.settings)
             name = self.settings.served_model_names[0] if self.settings.served_model_names else None
             batcher = Batcher(backend, config=self.settings.batch, registry=self.registry, model_name=name)
             await batcher.__aenter__()
@@ -183,7 +190,7 @@ class ServerState:
             return
         if not self.settings.served_model_names:
             self.names = (batcher.model_name,)
-        self.size = PromptLimits.for_backend(backend, self.settings)
+        self.size = size
         self.batcher = batcher
         log.info(
             "model %s ready in %.1f s (prompts up to %d characters, bodies up to %d bytes)",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import typing
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -129,3 +130,13 @@ async def test_every_400_counts_as_rejected(fake_server: Server) -> None:
         assert ok.status_code == 200
         after = metric((await http.get("/metrics")).text, "batcher_requests_total", outcome="rejected")
     assert after - before == len(bad)
+
+
+def test_docs_render_the_table() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "server.md").read_text()
+    rows = {
+        line.split("|")[1].strip(" `"): line.split("|")[3].strip()
+        for line in doc.splitlines()
+        if line.startswith("| `")
+    }
+    assert {n: r.policy for n, r in FIELDS.items()}.items() <= rows.items()
