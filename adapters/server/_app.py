@@ -2,6 +2,7 @@
 
 Layout (reference: ``docs/server.md``):
     _app             settings, the app factory (routes, error mapping, lifespan), ``serve()``
+    _generate        one generation request: batcher streams, JSON or SSE body, status mapping
     _fields          the one table of request fields: supported, ignored, refused
     _openai          request models and the response/SSE bodies of the OpenAI wire format
     _limits          refusing a prompt by size before tokenizing; the derived body limit
@@ -16,11 +17,9 @@ requests get 503, running streams go on until they finish or the drain timeout e
 (``Batcher.aclose(timeout)``), then uvicorn stops and the process exits 0. A second signal ends
 every open response with an error (see :class:`_DrainingServer`) and exits 1.
 
-Errors map to statuses before a stream starts (entering ``Batcher.stream`` admits and tokenizes):
-400 bad input, 404 unknown model, 413 body too large, 401 auth, 429 queue full with
-``Retry-After``, 503 draining or loading, 504 deadline passed, 500 only for a backend failure.
-After the SSE response started, an error is sent as one ``data: {"error": ...}`` event, then
-``data: [DONE]``.
+Statuses: 400 bad input, 404 unknown model, 413 body too large, 401 auth, 429 queue full with
+``Retry-After``, 503 draining or loading, 504 deadline passed, 500 only for a backend failure
+(``_generate.error_response``).
 """
 
 from __future__ import annotations
@@ -29,8 +28,8 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,40 +46,23 @@ from batcher import (
     Batcher,
     BatcherClosed,
     BatcherError,
-    Chunk,
-    DeadlineExceeded,
     FakeBackend,
-    InvalidRequest,
-    Overloaded,
-    Prompt,
-    PromptTooLong,
-    RequestFailed,
-    TokenStream,
-    Usage,
 )
 from batcher import __version__ as __version__
 
 from ._asgi import (
-    CLIENT_CLOSED,
     DOCS_PATHS,
-    FORCED,
-    EventStream,
     Gate,
     LiveSet,
     WithServerRejections,
-    request_context,
-    until_disconnect,
 )
 from ._auth import ApiKey, KeyRing
+from ._generate import error_response, generate
 from ._limits import PromptLimits
 from ._openai import (
-    SSE_DONE,
     ChatRequest,
     CompletionRequest,
-    ResponseShape,
     error_body,
-    sse_event,
-    usage_body,
 )
 from ._protocol import ConnectionLimits, guarded_protocol
 
@@ -324,13 +306,13 @@ def _add_routes(api: FastAPI, state: ServerState, gate: Gate) -> None:
     async def completions(body: CompletionRequest, request: Request) -> Response:
         if not state.knows(body.model):
             return _model_not_found(body.model)
-        return await _generate(state, request, list(body.prompts()), body, chat=False)
+        return await generate(state, request, list(body.prompts()), body, chat=False)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
         if not state.knows(body.model):
             return _model_not_found(body.model)
-        return await _generate(state, request, [body.chat_prompt()], body, chat=True)
+        return await generate(state, request, [body.chat_prompt()], body, chat=True)
 
 
 def _model_object(name: str) -> dict[str, Any]:
@@ -343,158 +325,10 @@ def _model_not_found(name: str | None) -> Response:
     return JSONResponse(body, status_code=404)
 
 
-async def _generate(
-    state: ServerState,
-    request: Request,
-    prompts: list[Prompt],
-    body: CompletionRequest | ChatRequest,
-    *,
-    chat: bool,
-) -> Response:
-    options = body.options(state.settings.batch.max_tokens_limit)
-    if state.settings.default_deadline_s is not None:
-        options["deadline_s"] = state.settings.default_deadline_s
-    for prompt in prompts:
-        state.size.check(prompt)
-    batcher = state.require_batcher()
-    request_context(request.scope).admitted = True  # from here the batcher counts refusals
-    shape = ResponseShape(chat=chat, model=state.model_name)
-    resources = AsyncExitStack()
-    try:
-        streams = [batcher.stream(p, **options) for p in prompts]
-        for s in streams:
-            await resources.enter_async_context(s)
-    except BaseException:
-        await resources.aclose()
-        raise
-    if body.stream:
-        events = _events(streams, shape, body.include_usage)
-        return SSEResponse(events, resources, state.live, abort_events())
-    async with resources:
-        results = await until_disconnect(
-            request.receive, lambda: asyncio.gather(*map(_collect, streams)), state.live
-        )
-    if results is None:
-        return Response(status_code=CLIENT_CLOSED)
-    usage = _sum_usage(u for _, _, u in results)
-    return JSONResponse(shape.full([(text, reason) for text, reason, _ in results], usage))
-
-
-async def _collect(stream: AsyncIterator[Chunk]) -> tuple[str, str, Usage | None]:
-    parts: list[str] = []
-    reason, usage = "stop", None
-    async for chunk in stream:
-        parts.append(chunk.text)
-        if chunk.finish_reason is not None:
-            reason = chunk.finish_reason
-        if chunk.usage is not None:
-            usage = chunk.usage
-    return "".join(parts), reason, usage
-
-
-def _sum_usage(usages: Iterable[Usage | None]) -> dict[str, int]:
-    got = [u for u in usages if u is not None]
-    return usage_body(sum(u.prompt_tokens for u in got), sum(u.completion_tokens for u in got))
-
-
-async def _merged(streams: list[TokenStream]) -> AsyncIterator[tuple[int, Chunk]]:
-    """The chunks of several streams as they come, tagged with the stream's index."""
-    if len(streams) == 1:
-        async for chunk in streams[0]:
-            yield 0, chunk
-        return
-    pending = {asyncio.ensure_future(anext(s)): i for i, s in enumerate(streams)}
-    try:
-        while pending:
-            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in sorted(done, key=pending.__getitem__):
-                i = pending.pop(task)
-                try:
-                    chunk = task.result()
-                except StopAsyncIteration:
-                    continue
-                pending[asyncio.ensure_future(anext(streams[i]))] = i
-                yield i, chunk
-    finally:
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.wait(pending)
-
-
-async def _events(
-    streams: list[TokenStream], shape: ResponseShape, include_usage: bool
-) -> AsyncIterator[bytes]:
-    """The SSE body: chunks, then (if asked) a usage chunk, then ``[DONE]``; errors as an event."""
-    usages: list[Usage | None] = [None] * len(streams)
-    try:
-        if shape.chat:
-            yield sse_event(shape.chunk("", role=True))
-        async for i, chunk in _merged(streams):
-            if chunk.usage is not None:
-                usages[i] = chunk.usage
-            if chunk.text or chunk.finish_reason is not None:
-                yield sse_event(shape.chunk(chunk.text or None, chunk.finish_reason, index=i))
-        if include_usage:
-            yield sse_event(shape.usage_chunk(_sum_usage(usages)))
-    except Exception as e:  # the response has started: the error can only be an event now
-        status, body, _ = _error_response(e)
-        if isinstance(e, BatcherError):
-            log.info("stream ended by %s (%d)", type(e).__name__, status)
-        else:
-            log.exception("unexpected error in a stream")
-        yield sse_event(body)
-    yield SSE_DONE
-
-
-def abort_events() -> bytes:
-    """What a stream still gets when a second signal ends it: an error event, then ``[DONE]``."""
-    _, body, _ = _error_response(BatcherClosed(FORCED))
-    return sse_event(body) + SSE_DONE
-
-
-class SSEResponse(EventStream, Response):
-    """:class:`EventStream` dressed as a starlette ``Response`` so FastAPI passes it through."""
-
-    def __init__(
-        self, events: AsyncIterator[bytes], resources: AsyncExitStack, live: LiveSet, on_abort: bytes
-    ) -> None:
-        EventStream.__init__(self, events, resources, live=live, on_abort=on_abort)
-        self.status_code = 200
-        self.background = None
-
-
-# -- errors ------------------------------------------------------------------------------------
-def _error_response(e: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
-    """Status, OpenAI error body and extra headers for an error of ours."""
-    if isinstance(e, PromptTooLong):
-        return (
-            400,
-            error_body(str(e), type="invalid_request_error", param=e.field, code="context_length_exceeded"),
-            {},
-        )
-    if isinstance(e, InvalidRequest):
-        return 400, error_body(str(e), type="invalid_request_error", param=e.field), {}
-    if isinstance(e, Overloaded):
-        retry = str(max(1, math.ceil(e.retry_after))) if math.isfinite(e.retry_after) else "1"
-        return 429, error_body(str(e), type="overloaded_error", code="queue_full"), {"retry-after": retry}
-    if isinstance(e, BatcherClosed):
-        return 503, error_body(str(e), type="service_unavailable", code="unavailable"), {"retry-after": "1"}
-    if isinstance(e, DeadlineExceeded):
-        return 504, error_body(str(e), type="timeout_error", code="deadline_exceeded"), {}
-    if isinstance(e, RequestFailed):
-        return (
-            500,
-            error_body(f"{e} (cause: {e.__cause__!r})", type="server_error", code="backend_failed"),
-            {},
-        )
-    return 500, error_body("internal server error", type="server_error"), {}
-
-
 def _add_error_handlers(api: FastAPI) -> None:
     @api.exception_handler(BatcherError)
     async def batcher_error(request: Request, e: BatcherError) -> Response:
-        status, body, headers = _error_response(e)
+        status, body, headers = error_response(e)
         return JSONResponse(body, status_code=status, headers=headers)
 
     @api.exception_handler(RequestValidationError)

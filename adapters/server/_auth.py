@@ -72,10 +72,6 @@ class KeyRing:
         """The key ``token`` is, or None."""
         return None if not token else self._by_digest.get(_digest(token))
 
-    @property
-    def tenants(self) -> frozenset[str]:
-        return frozenset(k.tenant for k in self._by_digest.values())
-
 
 def _digest(token: bytes) -> bytes:
     return hashlib.sha256(token).digest()

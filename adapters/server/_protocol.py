@@ -134,17 +134,30 @@ class GuardedProtocol(H11Protocol):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        cycle = self.cycle
-        if cycle is not None and cycle is not self._cycle_seen and not cycle.response_complete:
-            self._cycle_seen = cycle  # a new request head arrived: now the body has a deadline
-            self._arm(self.registry.limits.body_timeout_s)
-        if cycle is not None and not cycle.more_body:
-            self._disarm()
+        self._rearm()
 
     def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if not self.transport.is_closing():
-            self._arm(self.registry.limits.header_timeout_s)  # the next request's head
+        super().on_response_complete()  # may start a pipelined request
+        self._rearm()
+
+    def _rearm(self) -> None:
+        """The deadline that applies now: the head's while idle, the body's from a new request
+        head to its end, none while the app answers."""
+        cycle = self.cycle
+        if self.transport.is_closing():
+            self._disarm()
+        elif cycle is None or cycle.response_complete:
+            if self._cycle_seen is not cycle or self._deadline is None:
+                self._cycle_seen = cycle
+                self._arm(self.registry.limits.header_timeout_s)
+        elif cycle is not self._cycle_seen:
+            self._cycle_seen = cycle
+            if cycle.more_body:
+                self._arm(self.registry.limits.body_timeout_s)
+            else:
+                self._disarm()
+        elif not cycle.more_body:
+            self._disarm()
 
     def send_400_response(self, msg: str) -> None:
         body = json.dumps(

@@ -6,6 +6,7 @@ uvicorn with uvloop) and is driven over real sockets, by the ``openai`` client o
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import resource
@@ -14,9 +15,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -161,3 +163,13 @@ def metric(text: str, name: str, **labels: str) -> float:
         if all(have.get(k) == v for k, v in labels.items()):
             total += float(m.group(3))
     return total
+
+
+async def wait_for(check: Callable[[], Any], timeout: float, what: str) -> float:
+    """Await ``check()`` until truthy; return the seconds it took."""
+    start = time.monotonic()
+    while not await check():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.02)
+    return time.monotonic() - start

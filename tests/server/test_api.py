@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from .conftest import Server, expected_text, metric
+from .conftest import Server, expected_text, metric, wait_for
 
 
 @pytest.fixture
@@ -178,3 +178,23 @@ async def test_a_list_of_prompts_gives_one_choice_each(client: openai.AsyncOpenA
         usage = chunk.usage or usage
     assert texts == [expected_text(p, 5) for p in prompts]
     assert usage is not None and usage.completion_tokens == 15
+
+
+async def test_one_failing_prompt_of_a_list_ends_the_response_and_frees_the_others(
+    fake_server: Server,
+) -> None:
+    prompts = ["a long fine one", "this will FAIL", "another fine one"]
+    async with httpx.AsyncClient(base_url=fake_server.url, timeout=10) as http:
+        r = await http.post("/v1/completions", json={"prompt": prompts, "max_tokens": 50})
+        assert r.status_code == 500 and r.json()["error"]["code"] == "backend_failed"
+        body = {"prompt": prompts, "max_tokens": 50, "stream": True}
+        async with http.stream("POST", "/v1/completions", json=body) as s:
+            lines = [line async for line in s.aiter_lines() if line]
+        assert lines[-1] == "data: [DONE]" and "injected failure" in lines[-2]
+
+        async def idle() -> bool:
+            text = (await http.get("/metrics")).text
+            return metric(text, "batcher_running_requests") + metric(text, "batcher_queue_depth") == 0
+
+        await wait_for(idle, 5, "the other prompts to leave the batch")
+    assert "Traceback" not in fake_server.output()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -13,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from .conftest import Server, expected_text, metric
+from .conftest import Server, expected_text, metric, wait_for
 
 Factory = Callable[..., Server]
 FAKE = ("--model", "fake")
@@ -21,16 +20,6 @@ FAKE = ("--model", "fake")
 
 async def scrape(http: httpx.AsyncClient, name: str, **labels: str) -> float:
     return metric((await http.get("/metrics")).text, name, **labels)
-
-
-async def wait_for(check: Callable[[], Any], timeout: float, what: str) -> float:
-    """Await ``check()`` until truthy; return the seconds it took."""
-    start = time.monotonic()
-    while not await check():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.02)
-    return time.monotonic() - start
 
 
 async def first_event(lines: Any) -> dict[str, Any]:
