@@ -110,16 +110,16 @@ def make_backend(settings: ServerSettings) -> Any:
         return FakeBackend(step_time_s=settings.fake_step_s, step_time_per_seq_s=settings.fake_step_per_seq_s)
     from ..hf import HFBackend
 
-    model = settings.model
+    model, name = settings.model, None
     if model is None:
-        from ..hf._load import embedded_model_dir
+        from ..hf._load import EMBEDDED_NAME, embedded_model_dir
 
         log.info("preparing the embedded SmolLM2 (its first use converts the GGUF once: about 30 s)")
         started = time.monotonic()
-        model = str(embedded_model_dir())
+        model, name = str(embedded_model_dir()), EMBEDDED_NAME
         log.info("embedded model ready at %s (%.1f s)", model, time.monotonic() - started)
     # dtype "auto" and device "cpu" are HFBackend's defaults.
-    return HFBackend(model, dtype=settings.dtype or "auto", device=settings.device or "cpu")
+    return HFBackend(model, dtype=settings.dtype or "auto", device=settings.device or "cpu", model_name=name)
 
 
 class ServerState:
