@@ -386,7 +386,7 @@ class _DrainingServer(uvicorn.Server):
     requests) and re-raise the signal at exit (status -15). Here the socket stays open while the
     batcher drains, then uvicorn stops normally and the process exits 0. A second signal ends
     every open response with an error (an SSE error event and ``[DONE]``, or a 503), waits for
-    them at most :data:`FORCED_GRACE_S`, and exits 1.
+    them at most :data:`FORCED_GRACE_S`, stops, and exits 1.
     """
 
     def __init__(self, config: Any, state: ServerState) -> None:
@@ -428,8 +428,14 @@ class _DrainingServer(uvicorn.Server):
         asyncio.get_running_loop().create_task(self._exit_after_abort())
 
     async def _exit_after_abort(self) -> None:
+        # With every response ended, the drain finishes at once and uvicorn stops normally
+        # (lifespan included); whatever still holds it after another grace period is cut.
         await self.state.live.wait_empty(FORCED_GRACE_S)
-        self.force_exit = self.should_exit = True
+        self.should_exit = True
+        asyncio.get_running_loop().call_later(FORCED_GRACE_S, self._cut)
+
+    def _cut(self) -> None:
+        self.force_exit = True
 
     def _fatal(self) -> None:
         self.should_exit = True

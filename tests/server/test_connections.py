@@ -202,3 +202,4 @@ async def test_a_second_signal_ends_streams_with_an_error_and_done_then_exits(
     assert ended_s < 1.0, ended_s
     assert refused.status_code == 503 and "second signal" in refused.json()["error"]["message"]
     assert await asyncio.to_thread(server.proc.wait, 10) == 1
+    assert "Traceback" not in server.output()
