@@ -60,6 +60,8 @@ async def generate(
     *,
     chat: bool,
 ) -> Response:
+    """Check the options and the prompts' sizes, admit one batcher request per prompt (all or
+    none: a refusal closes the ones admitted), then answer with JSON or server-sent events."""
     options = body.options(state.settings.batch.max_tokens_limit)
     if state.settings.default_deadline_s is not None:
         options["deadline_s"] = state.settings.default_deadline_s

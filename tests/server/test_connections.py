@@ -75,6 +75,10 @@ async def test_silent_and_slow_loris_floods_cannot_lock_out_health(server_factor
             health_s = time.monotonic() - started
             r = await http.post("/v1/completions", json={"prompt": "still served", "max_tokens": 4})
             completion_s = time.monotonic() - started
+        print(
+            f"under {SILENT} silent + {TRICKLING} trickling connections: /health in {health_s:.3f} s, "
+            f"a completion by {completion_s:.3f} s"
+        )
         assert health.status_code == 200 and health_s < 3, health_s
         assert r.status_code == 200 and completion_s < 5, completion_s
         # Every flood connection is closed: shed at the cap, or past the 3 s header deadline.
