@@ -21,6 +21,7 @@ import asyncio
 import ipaddress
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -75,8 +76,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--chat", action="store_true", help="use /v1/chat/completions")
     p.add_argument("--prompts", type=Path, help="one prompt per line (or JSONL with a 'prompt' key)")
-    p.add_argument("--model", default="default")
-    p.add_argument("--api-key", default=None)
+    p.add_argument("--model", default=None, help="model id to send (default: omitted: the served model)")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("LLM_BATCHER_API_KEY"),
+        help="bearer key (default: $LLM_BATCHER_API_KEY; argv is visible in ps)",
+    )
     p.add_argument("--timeout", type=float, default=120.0, help="per-request timeout, seconds")
     p.add_argument("--seed", type=int, default=0, help="prompt order and Poisson arrivals")
     p.add_argument("--out", type=Path, default=Path("loadgen.png"), help="PNG plot path")
@@ -145,12 +150,13 @@ class Runner:
     def body(self, i: int) -> tuple[str, dict[str, Any]]:
         prompt = self.prompts[i % len(self.prompts)]
         body: dict[str, Any] = {
-            "model": self.args.model,
             "max_tokens": self.args.max_tokens,
             "temperature": self.args.temperature,
             "stream": True,
             "stream_options": {"include_usage": True},
         }
+        if self.args.model is not None:
+            body["model"] = self.args.model
         if self.args.chat:
             return "/v1/chat/completions", body | {"messages": [{"role": "user", "content": prompt}]}
         return "/v1/completions", body | {"prompt": prompt}

@@ -1,8 +1,6 @@
 """The OpenAI-compatible HTTP server (the ``[server]`` extra).
 
-Layout: ``_app`` settings, the app factory (routes, error mapping, lifespan) and ``serve()``;
-``_openai`` the request models and response bodies of the OpenAI wire format; ``_asgi`` the gate
-middleware (metrics, body limit, drain, auth) and the SSE response.
+Layout: see ``_app``'s docstring; the reference for users is ``docs/server.md``.
 """
 
 from ._app import ServerSettings, create_app, serve

@@ -1,20 +1,25 @@
 """The OpenAI-compatible example server: an ASGI app over one :class:`batcher.Batcher`.
 
-Layout:
+Layout (reference: ``docs/server.md``):
     _app             settings, the app factory (routes, error mapping, lifespan), ``serve()``
+    _generate        one generation request: batcher streams, JSON or SSE body, status mapping
+    _fields          the one table of request fields: supported, ignored, refused
     _openai          request models and the response/SSE bodies of the OpenAI wire format
-    _asgi            the gate middleware (metrics, body limit, drain, auth) and the SSE response
+    _limits          refusing a prompt by size before tokenizing; the derived body limit
+    _auth            API keys, their tenants and weights
+    _asgi            the gate middleware (metrics, body limit, availability, auth) and the SSE response
+    _protocol        uvicorn's h11 protocol with head/body deadlines, a connection cap, JSON 400s
 
 Life of the process: the app listens at once; the model loads in the background (``/ready`` is
-503 until it has). On SIGTERM or SIGINT the server drains: ``/ready`` and new ``/v1`` requests get
-503, running streams go on until they finish or the drain timeout ends them
-(``Batcher.aclose(timeout)``), then uvicorn stops and the process exits 0. A second signal forces
-an immediate exit.
+503 until it has, with a log line before and after; the GGUF conversion and the weights show
+transformers' progress bars). On SIGTERM or SIGINT the server drains: ``/ready`` and new ``/v1``
+requests get 503, running streams go on until they finish or the drain timeout ends them
+(``Batcher.aclose(timeout)``), then uvicorn stops and the process exits 0. A second signal ends
+every open response with an error (see :class:`_DrainingServer`) and exits 1.
 
-Errors map to statuses before a stream starts (entering ``Batcher.stream`` admits and tokenizes):
-400 bad input (413 body too large), 401 auth, 429 queue full with ``Retry-After``, 503 draining or
-loading, 504 deadline passed, 500 only for a backend failure. After the SSE response started, an
-error is sent as one ``data: {"error": ...}`` event, then ``data: [DONE]``.
+Statuses: 400 bad input, 404 unknown model, 413 body too large, 401 auth, 429 queue full with
+``Retry-After``, 503 draining or loading, 504 deadline passed, 500 only for a backend failure
+(``_generate.error_response``).
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -40,28 +46,31 @@ from batcher import (
     Batcher,
     BatcherClosed,
     BatcherError,
-    DeadlineExceeded,
     FakeBackend,
-    InvalidRequest,
-    Overloaded,
-    PromptTooLong,
-    RequestFailed,
 )
+from batcher import __version__ as __version__
 
-from ._asgi import CLIENT_CLOSED, EventStream, Gate, until_disconnect
+from ._asgi import (
+    DOCS_PATHS,
+    Gate,
+    LiveSet,
+    WithServerRejections,
+)
+from ._auth import ApiKey, KeyRing
+from ._generate import error_response, generate
+from ._limits import PromptLimits
 from ._openai import (
-    SSE_DONE,
     ChatRequest,
     CompletionRequest,
-    ResponseShape,
     error_body,
-    sse_event,
-    usage_body,
 )
+from ._protocol import ConnectionLimits, guarded_protocol
 
 __all__ = ["ServerSettings", "create_app", "make_backend", "serve"]
 
 log = logging.getLogger("llm_batcher.server")
+#: After a second signal: how long the open responses get to send their error and end.
+FORCED_GRACE_S = 1.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,18 +79,26 @@ class ServerSettings:
 
     ``model``: ``None`` for the embedded SmolLM2, ``"fake"`` for :class:`batcher.FakeBackend` with
     a realistic step time (``fake_step_s + fake_step_per_seq_s * batch``), else a model path or
-    Hugging Face id for ``HFBackend``.
+    Hugging Face id for ``HFBackend``. ``served_model_names``: the id clients send (the first is
+    canonical, the rest aliases; default: the model's own name). ``api_keys``: who may call
+    ``/v1/*`` and as which tenant (none: no auth). ``max_prompt_chars`` / ``max_body_bytes``:
+    ``None`` derives them from the model's context (see ``_limits``). ``docs``: serve ``/docs``,
+    ``/redoc`` and ``/openapi.json`` (behind the key when there is one).
     """
 
     model: str | None = None
+    served_model_names: tuple[str, ...] = ()
     dtype: str | None = None
     device: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
-    api_key: str | None = None
+    api_keys: tuple[ApiKey, ...] = ()
     batch: BatchConfig = field(default_factory=BatchConfig)
     default_deadline_s: float | None = None
-    max_body_bytes: int = 1 << 20
+    max_prompt_chars: int | None = None
+    max_body_bytes: int | None = None
+    limits: ConnectionLimits = field(default_factory=ConnectionLimits)
+    docs: bool = False
     fake_step_s: float = 0.02
     fake_step_per_seq_s: float = 0.001
     log_level: str = "info"
@@ -93,8 +110,16 @@ def make_backend(settings: ServerSettings) -> Any:
         return FakeBackend(step_time_s=settings.fake_step_s, step_time_per_seq_s=settings.fake_step_per_seq_s)
     from ..hf import HFBackend
 
-    # model None: the embedded SmolLM2. dtype "auto" and device "cpu" are HFBackend's defaults.
-    return HFBackend(settings.model, dtype=settings.dtype or "auto", device=settings.device or "cpu")
+    model, name = settings.model, None
+    if model is None:
+        from ..hf._load import EMBEDDED_NAME, embedded_model_dir
+
+        log.info("preparing the embedded SmolLM2 (its first use converts the GGUF once: about 30 s)")
+        started = time.monotonic()
+        model, name = str(embedded_model_dir()), EMBEDDED_NAME
+        log.info("embedded model ready at %s (%.1f s)", model, time.monotonic() - started)
+    # dtype "auto" and device "cpu" are HFBackend's defaults.
+    return HFBackend(model, dtype=settings.dtype or "auto", device=settings.device or "cpu", model_name=name)
 
 
 class ServerState:
@@ -110,30 +135,64 @@ class ServerState:
         self.registry = registry
         self.backend_factory = backend_factory
         self.batcher: Batcher | None = None
-        self.model_name = settings.model or "SmolLM2-135M-Instruct"
+        self.names = settings.served_model_names or (_default_name(settings),)
+        self.size = PromptLimits.before_load(settings)
         self.draining = False
         self.load_error: BaseException | None = None
+        #: The requests whose response can still be ended with an error (second signal).
+        self.live = LiveSet()
         #: Called when loading fails (``serve`` stops the process with status 1).
         self.on_fatal: Callable[[], None] = lambda: None
         self._drained: asyncio.Task[None] | None = None
 
+    @property
+    def model_name(self) -> str:
+        """The canonical model id (the first served name)."""
+        return self.names[0]
+
+    def knows(self, model: str | None) -> bool:
+        """Whether ``model`` names this server's model (unset means the canonical one)."""
+        return model is None or model in self.names
+
     async def load(self) -> None:
+        what = self.settings.model or "the embedded SmolLM2"
+        log.info("loading %s (tokenizer, weights, warm-up)...", what)
+        started = time.monotonic()
         try:
             backend = await asyncio.to_thread(self.backend_factory)
-            batcher = Batcher(backend, config=self.settings.batch, registry=self.registry)
+            size = await asyncio.to_thread(PromptLimits.for_backend, backend, self.settings)
+            name = self.settings.served_model_names[0] if self.settings.served_model_names else None
+            batcher = Batcher(backend, config=self.settings.batch, registry=self.registry, model_name=name)
             await batcher.__aenter__()
         except Exception as e:
-            log.exception("could not load the model")
+            log.error("could not load the model %s: %s", what, _one_line(e))
+            log.debug("the load failed with", exc_info=e)
             self.load_error = e
             self.on_fatal()
             return
-        self.model_name = batcher.model_name
+        if not self.settings.served_model_names:
+            self.names = (batcher.model_name,)
+        self.size = size
         self.batcher = batcher
-        log.info("model %s ready", self.model_name)
+        log.info(
+            "model %s ready in %.1f s (prompts up to %d characters, bodies up to %d bytes)",
+            self.model_name,
+            time.monotonic() - started,
+            self.size.max_prompt_chars,
+            self.size.max_body_bytes,
+        )
 
     @property
     def ready(self) -> bool:
         return self.batcher is not None and self.batcher.ready and not self.draining
+
+    def unavailable(self) -> str | None:
+        """Why ``/v1/*`` is refused now (draining, loading), or None."""
+        if self.draining:
+            return "draining"
+        if self.batcher is None:
+            return "loading"
+        return None
 
     def require_batcher(self) -> Batcher:
         if self.batcher is None:
@@ -154,6 +213,18 @@ class ServerState:
             )
             await self.batcher.aclose(timeout=self.settings.batch.drain_timeout_s)
             log.info("drained")
+
+
+def _default_name(settings: ServerSettings) -> str:
+    if settings.model is None:
+        return "SmolLM2-135M-Instruct"
+    path = Path(settings.model)
+    return path.stem if path.suffix == ".gguf" else path.name if path.is_dir() else settings.model
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def create_app(
@@ -181,23 +252,25 @@ def create_app(
             await asyncio.wait([loading])
             await state.drain()
 
-    api = FastAPI(title="llm-batcher", version="0.1.0", lifespan=lifespan)
+    docs = {} if settings.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    api = FastAPI(title="llm-batcher", version=__version__, lifespan=lifespan, **docs)  # type: ignore[arg-type]
     api.state.server = state
-    _add_routes(api, state)
-    _add_error_handlers(api)
     gate = Gate(
         api,
         registry=registry,
-        max_body_bytes=settings.max_body_bytes,
-        api_key=settings.api_key,
-        draining=lambda: state.draining,
+        max_body_bytes=lambda: state.size.max_body_bytes,
+        keys=KeyRing(settings.api_keys),
+        unavailable=state.unavailable,
+        protected=DOCS_PATHS if settings.docs else frozenset(),
     )
+    _add_routes(api, state, gate)
+    _add_error_handlers(api)
     gate.state = state  # type: ignore[attr-defined]
     return gate
 
 
 # -- routes ------------------------------------------------------------------------------------
-def _add_routes(api: FastAPI, state: ServerState) -> None:
+def _add_routes(api: FastAPI, state: ServerState, gate: Gate) -> None:
     @api.get("/health")
     async def health() -> dict[str, str]:
         """Alive: always 200 while the process serves HTTP."""
@@ -214,143 +287,57 @@ def _add_routes(api: FastAPI, state: ServerState) -> None:
     @api.get("/metrics")
     async def metrics() -> Response:
         """Prometheus text exposition of the batcher's and the server's metrics."""
-        return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)
+        merged = WithServerRejections(state.registry, gate, state.model_name)
+        return Response(generate_latest(merged), media_type=CONTENT_TYPE_LATEST)
 
     @api.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": state.model_name,
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": "llm-batcher",
-                }
-            ],
-        }
+        """The served model: its canonical id, then its aliases."""
+        return {"object": "list", "data": [_model_object(name) for name in state.names]}
+
+    @api.get("/v1/models/{model_id:path}", responses={404: {"description": "unknown model"}})
+    async def model(model_id: str) -> Response:
+        """One model by id (canonical or alias)."""
+        if model_id not in state.names:
+            return _model_not_found(model_id)
+        return JSONResponse(_model_object(model_id))
 
     @api.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        return await _generate(state, request, body.text_prompt(), body, chat=False)
+        if not state.knows(body.model):
+            return _model_not_found(body.model)
+        return await generate(state, request, list(body.prompts()), body, chat=False)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
-        return await _generate(state, request, body.chat_prompt(), body, chat=True)
+        if not state.knows(body.model):
+            return _model_not_found(body.model)
+        return await generate(state, request, [body.chat_prompt()], body, chat=True)
 
 
-async def _generate(
-    state: ServerState,
-    request: Request,
-    prompt: Any,
-    body: CompletionRequest | ChatRequest,
-    *,
-    chat: bool,
-) -> Response:
-    options = body.options()
-    if state.settings.default_deadline_s is not None:
-        options["deadline_s"] = state.settings.default_deadline_s
-    batcher = state.require_batcher()
-    shape = ResponseShape(chat=chat, model=state.model_name)
-    resources = AsyncExitStack()
-    try:
-        stream = await resources.enter_async_context(batcher.stream(prompt, **options))
-    except BaseException:
-        await resources.aclose()
-        raise
-    if body.stream:
-        return SSEResponse(_events(stream, shape, body.include_usage), resources)
-    async with resources:
-        result = await until_disconnect(request.receive, lambda: _collect(stream))
-    if result is None:
-        return Response(status_code=CLIENT_CLOSED)
-    text, reason, usage = result
-    return JSONResponse(shape.full(text, reason, usage))
+def _model_object(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "llm-batcher"}
 
 
-async def _collect(stream: AsyncIterator[Any]) -> tuple[str, str, dict[str, int]]:
-    parts: list[str] = []
-    reason, usage = "stop", usage_body(0, 0)
-    async for chunk in stream:
-        parts.append(chunk.text)
-        if chunk.finish_reason is not None:
-            reason = chunk.finish_reason
-        if chunk.usage is not None:
-            usage = usage_body(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
-    return "".join(parts), reason, usage
-
-
-async def _events(
-    stream: AsyncIterator[Any], shape: ResponseShape, include_usage: bool
-) -> AsyncIterator[bytes]:
-    """The SSE body: chunks, then (if asked) a usage chunk, then ``[DONE]``; errors as an event."""
-    usage = None
-    try:
-        if shape.chat:
-            yield sse_event(shape.chunk("", role=True))
-        async for chunk in stream:
-            if chunk.usage is not None:
-                usage = chunk.usage
-            if chunk.text or chunk.finish_reason is not None:
-                yield sse_event(shape.chunk(chunk.text or None, chunk.finish_reason))
-        if include_usage and usage is not None:
-            yield sse_event(shape.usage_chunk(usage_body(usage.prompt_tokens, usage.completion_tokens)))
-    except Exception as e:  # the response has started: the error can only be an event now
-        status, body, _ = _error_response(e)
-        if isinstance(e, BatcherError):
-            log.info("stream ended by %s (%d)", type(e).__name__, status)
-        else:
-            log.exception("unexpected error in a stream")
-        yield sse_event(body)
-    yield SSE_DONE
-
-
-class SSEResponse(EventStream, Response):
-    """:class:`EventStream` dressed as a starlette ``Response`` so FastAPI passes it through."""
-
-    def __init__(self, events: AsyncIterator[bytes], resources: AsyncExitStack) -> None:
-        EventStream.__init__(self, events, resources)
-        self.status_code = 200
-        self.background = None
-
-
-# -- errors ------------------------------------------------------------------------------------
-def _error_response(e: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
-    """Status, OpenAI error body and extra headers for an error of ours."""
-    if isinstance(e, PromptTooLong):
-        return (
-            400,
-            error_body(str(e), type="invalid_request_error", param=e.field, code="context_length_exceeded"),
-            {},
-        )
-    if isinstance(e, InvalidRequest):
-        return 400, error_body(str(e), type="invalid_request_error", param=e.field), {}
-    if isinstance(e, Overloaded):
-        retry = str(max(1, math.ceil(e.retry_after))) if math.isfinite(e.retry_after) else "1"
-        return 429, error_body(str(e), type="overloaded_error", code="queue_full"), {"retry-after": retry}
-    if isinstance(e, BatcherClosed):
-        return 503, error_body(str(e), type="service_unavailable", code="unavailable"), {"retry-after": "1"}
-    if isinstance(e, DeadlineExceeded):
-        return 504, error_body(str(e), type="timeout_error", code="deadline_exceeded"), {}
-    if isinstance(e, RequestFailed):
-        return (
-            500,
-            error_body(f"{e} (cause: {e.__cause__!r})", type="server_error", code="backend_failed"),
-            {},
-        )
-    return 500, error_body("internal server error", type="server_error"), {}
+def _model_not_found(name: str | None) -> Response:
+    message = f"the model {name!r} does not exist here: GET /v1/models lists the served names"
+    body = error_body(message, type="invalid_request_error", param="model", code="model_not_found")
+    return JSONResponse(body, status_code=404)
 
 
 def _add_error_handlers(api: FastAPI) -> None:
     @api.exception_handler(BatcherError)
     async def batcher_error(request: Request, e: BatcherError) -> Response:
-        status, body, headers = _error_response(e)
+        status, body, headers = error_response(e)
         return JSONResponse(body, status_code=status, headers=headers)
 
     @api.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError) -> Response:
         first = e.errors()[0] if e.errors() else {}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        cause = first.get("ctx", {}).get("error")
+        if isinstance(cause, BatcherError):  # raised by a request model's validator
+            return await batcher_error(request, cause)
         if first.get("type") == "json_invalid":
             message, param = f"malformed JSON body: {first.get('ctx', {}).get('error', '')}", None
         else:
@@ -374,19 +361,22 @@ def _add_error_handlers(api: FastAPI) -> None:
 
 # -- running it --------------------------------------------------------------------------------
 def serve(settings: ServerSettings) -> int:
-    """Run the server until SIGTERM/SIGINT has drained it. Returns the process exit status."""
+    """Run the server until SIGTERM/SIGINT has drained it. Returns the process exit status: 0
+    after a drain, 1 if the model failed to load or a second signal cut requests short."""
     app = create_app(settings)
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         loop="uvloop",
+        http=guarded_protocol(settings.limits),
         log_level=settings.log_level,
+        timeout_keep_alive=max(1, math.ceil(settings.limits.keep_alive_s)),
         timeout_graceful_shutdown=5,
     )
     server = _DrainingServer(config, app.state)  # type: ignore[attr-defined]
     server.run()
-    return 1 if app.state.load_error is not None else 0  # type: ignore[attr-defined]
+    return 1 if app.state.load_error is not None or server.forced else 0  # type: ignore[attr-defined]
 
 
 class _DrainingServer(uvicorn.Server):
@@ -394,13 +384,16 @@ class _DrainingServer(uvicorn.Server):
 
     uvicorn would close the listening socket at once (no 503 from /ready, no 503 for new
     requests) and re-raise the signal at exit (status -15). Here the socket stays open while the
-    batcher drains, then uvicorn stops normally and the process exits 0.
+    batcher drains, then uvicorn stops normally and the process exits 0. A second signal ends
+    every open response with an error (an SSE error event and ``[DONE]``, or a 503), waits for
+    them at most :data:`FORCED_GRACE_S`, stops, and exits 1.
     """
 
     def __init__(self, config: Any, state: ServerState) -> None:
         super().__init__(config)
         self.state = state
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.forced = False
         state.on_fatal = self._fatal
 
     async def startup(self, sockets: Any = None) -> None:
@@ -408,9 +401,12 @@ class _DrainingServer(uvicorn.Server):
         await super().startup(sockets=sockets)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
-        if self.state.draining or self.loop is None:
-            self.force_exit = self.state.draining
+        if self.loop is None:
             self.should_exit = True
+            return
+        if self.state.draining:
+            log.warning("signal %d again: ending %d open responses, then exiting", sig, len(self.state.live))
+            self.loop.call_soon_threadsafe(self._force)
             return
         log.info("signal %d: draining", sig)
         self.loop.call_soon_threadsafe(self._drain)
@@ -423,6 +419,23 @@ class _DrainingServer(uvicorn.Server):
     def _stop(self, started: float) -> None:
         log.info("drain finished in %.2f s: stopping", time.monotonic() - started)
         self.should_exit = True
+
+    def _force(self) -> None:
+        if self.forced:
+            return
+        self.forced = True
+        self.state.live.abort_all()
+        asyncio.get_running_loop().create_task(self._exit_after_abort())
+
+    async def _exit_after_abort(self) -> None:
+        # With every response ended, the drain finishes at once and uvicorn stops normally
+        # (lifespan included); whatever still holds it after another grace period is cut.
+        await self.state.live.wait_empty(FORCED_GRACE_S)
+        self.should_exit = True
+        asyncio.get_running_loop().call_later(FORCED_GRACE_S, self._cut)
+
+    def _cut(self) -> None:
+        self.force_exit = True
 
     def _fatal(self) -> None:
         self.should_exit = True

@@ -1,9 +1,8 @@
 """The OpenAI wire format of the example server: request models, response bodies, SSE chunks, errors.
 
-Pure functions and pydantic models, no I/O: the ASGI layer (``_app``) calls them. Request models
-ignore fields we do not use (clients send ``user``, ``logit_bias: null``...), but a field that would
-change the output and that we cannot honour (``n > 1``, ``echo``, ``logprobs``, ``best_of > 1``,
-token-id prompts, non-text message parts) is refused with a 400 that names it.
+Pure functions and pydantic models, no I/O: the ASGI layer (``_app``) calls them. Which fields a
+request may carry is decided by the one table in ``_fields`` (supported, ignored, refused); the
+models here read the supported ones and check their ranges with one message per limit.
 """
 
 from __future__ import annotations
@@ -11,12 +10,14 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Mapping
-from typing import Any, Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from batcher import InvalidRequest
+
+from ._fields import Endpoint, check_fields
 
 __all__ = [
     "SSE_DONE",
@@ -27,6 +28,10 @@ __all__ = [
 ]
 
 SSE_DONE = b"data: [DONE]\n\n"
+#: The most prompts one completions request may carry (each is its own batcher request).
+MAX_PROMPTS = 64
+#: OpenAI's temperature range.
+MAX_TEMPERATURE = 2.0
 
 
 # -- requests ----------------------------------------------------------------------------------
@@ -39,26 +44,39 @@ class _Common(BaseModel):
     """Fields both endpoints share. ``strict``: "1" is not an int, "true" is not a bool."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
+    endpoint: ClassVar[Endpoint]
 
     model: str | None = None
     max_tokens: int | None = None
-    temperature: float | None = None
+    temperature: float | None = Field(None, description="In [0, 2]; 0 is greedy.")
     top_p: float | None = None
     top_k: int | None = Field(None, description="Extension: sample from the k most likely tokens (0 = off).")
     seed: int | None = None
     stop: str | list[str] | None = None
-    n: int | None = Field(1, description="Only 1 is supported.")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    logprobs: Any = None
     user: str | None = None
 
-    def options(self) -> dict[str, Any]:
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            check_fields(data, cls.endpoint)
+        return data
+
+    def options(self, max_tokens_limit: int) -> dict[str, Any]:
         """The :class:`batcher.GenerationOptions` this request asks for (unset fields omitted)."""
-        if self.n not in (None, 1):
-            raise InvalidRequest(f"n must be 1 (one choice per request), got {self.n}", field="n")
-        if self.logprobs not in (None, False, 0):
-            raise InvalidRequest("logprobs are not supported: leave them unset", field="logprobs")
+        if self.max_tokens is not None and not 1 <= self.max_tokens <= max_tokens_limit:
+            raise InvalidRequest(
+                f"max_tokens must be an integer in [1, {max_tokens_limit}] (this server's limit), "
+                f"got {self.max_tokens}",
+                field="max_tokens",
+            )
+        if self.temperature is not None and not 0 <= self.temperature <= MAX_TEMPERATURE:
+            raise InvalidRequest(
+                f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {self.temperature}",
+                field="temperature",
+            )
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
         for text in stop or ():
             check_text(text, "stop")
@@ -80,24 +98,29 @@ class _Common(BaseModel):
 class CompletionRequest(_Common):
     """POST /v1/completions."""
 
-    prompt: str | list[str] = Field(..., description="One prompt (a list of exactly one string).")
-    echo: bool | None = False
-    best_of: int | None = None
+    endpoint: ClassVar[Endpoint] = "completions"
+    prompt: str | list[str] = Field(..., description="A prompt, or a list of prompts (one choice each).")
 
-    def text_prompt(self) -> str:
-        if self.echo:
-            raise InvalidRequest("echo is not supported: leave it unset", field="echo")
-        if self.best_of not in (None, 1):
-            raise InvalidRequest(f"best_of must be 1, got {self.best_of}", field="best_of")
-        if isinstance(self.prompt, str):
-            return check_text(self.prompt, "prompt")
-        if len(self.prompt) != 1:
+    @model_validator(mode="before")
+    @classmethod
+    def _text_prompts(cls, data: Any) -> Any:
+        prompt = data.get("prompt") if isinstance(data, Mapping) else None
+        if isinstance(prompt, list) and any(isinstance(p, (int, list)) for p in prompt):
             raise InvalidRequest(
-                f"prompt must be one string (or a list of one), got a list of {len(self.prompt)}: "
-                "send one request per prompt",
+                "token-id prompts are not supported yet: send the prompt as text", field="prompt"
+            )
+        return data
+
+    def prompts(self) -> list[str]:
+        """The prompts, checked: one string, or a list of 1 to :data:`MAX_PROMPTS` strings."""
+        prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
+        if not 1 <= len(prompts) <= MAX_PROMPTS:
+            raise InvalidRequest(
+                f"prompt must be a string or a list of 1 to {MAX_PROMPTS} strings, got a list of "
+                f"{len(prompts)}",
                 field="prompt",
             )
-        return check_text(self.prompt[0], "prompt")
+        return [check_text(p, "prompt") for p in prompts]
 
 
 class TextPart(BaseModel):
@@ -115,6 +138,7 @@ class ChatMessageIn(BaseModel):
 class ChatRequest(_Common):
     """POST /v1/chat/completions."""
 
+    endpoint: ClassVar[Endpoint] = "chat"
     messages: list[ChatMessageIn]
     max_completion_tokens: int | None = None
 
@@ -176,29 +200,31 @@ class ResponseShape:
     def _head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def full(self, text: str, finish_reason: str, usage: Mapping[str, int]) -> dict[str, Any]:
-        """The non-streaming body."""
-        if self.chat:
-            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}}
-        else:
-            choice = {"index": 0, "text": text}
-        choice |= {"finish_reason": finish_reason, "logprobs": None}
+    def full(self, choices: Sequence[tuple[str, str]], usage: Mapping[str, int]) -> dict[str, Any]:
+        """The non-streaming body: one choice per ``(text, finish_reason)``, ``index`` in order."""
         return self._head("chat.completion" if self.chat else "text_completion") | {
-            "choices": [choice],
+            "choices": [self._choice(i, text, reason) for i, (text, reason) in enumerate(choices)],
             "usage": dict(usage),
         }
 
+    def _choice(self, index: int, text: str, finish_reason: str) -> dict[str, Any]:
+        if self.chat:
+            choice: dict[str, Any] = {"index": index, "message": {"role": "assistant", "content": text}}
+        else:
+            choice = {"index": index, "text": text}
+        return choice | {"finish_reason": finish_reason, "logprobs": None}
+
     def chunk(
-        self, text: str | None, finish_reason: str | None = None, *, role: bool = False
+        self, text: str | None, finish_reason: str | None = None, *, role: bool = False, index: int = 0
     ) -> dict[str, Any]:
         """One streaming chunk with one choice (``text=None``: an empty delta)."""
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant"} if role else {}
             if text is not None:
                 delta["content"] = text
-            choice: dict[str, Any] = {"index": 0, "delta": delta}
+            choice: dict[str, Any] = {"index": index, "delta": delta}
         else:
-            choice = {"index": 0, "text": text or ""}
+            choice = {"index": index, "text": text or ""}
         choice |= {"finish_reason": finish_reason, "logprobs": None}
         return self._head("chat.completion.chunk" if self.chat else "text_completion") | {"choices": [choice]}
 

@@ -6,16 +6,19 @@ uvicorn with uvloop) and is driven over real sockets, by the ``openai`` client o
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -57,9 +60,14 @@ class Server:
 
 
 def start_server(
-    tmp: Path, *args: str, ready_timeout: float = 60.0, env: dict[str, str] | None = None
+    tmp: Path,
+    *args: str,
+    ready_timeout: float = 60.0,
+    env: dict[str, str] | None = None,
+    max_files: int | None = None,
 ) -> Server:
-    """Start ``llm-batcher serve ARGS`` on a free port and wait until /ready answers 200."""
+    """Start ``llm-batcher serve ARGS`` on a free port and wait until /ready answers 200
+    (``max_files``: the server's ``ulimit -n``, soft and hard)."""
     port = free_port()
     log = tmp / f"server-{port}.log"
     cmd = [
@@ -76,7 +84,14 @@ def start_server(
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_BATCHER_")}
     full_env |= env or {}
     with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=full_env)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=full_env,
+            preexec_fn=None if max_files is None else lambda: _limit_files(max_files),
+        )
     server = Server(f"http://127.0.0.1:{port}", proc, log)
     deadline = time.monotonic() + ready_timeout
     while time.monotonic() < deadline:
@@ -90,6 +105,10 @@ def start_server(
         time.sleep(0.05)
     server.stop()
     raise AssertionError(f"server not ready in {ready_timeout} s:\n{server.output()[-3000:]}")
+
+
+def _limit_files(n: int) -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
 
 
 @pytest.fixture
@@ -144,3 +163,13 @@ def metric(text: str, name: str, **labels: str) -> float:
         if all(have.get(k) == v for k, v in labels.items()):
             total += float(m.group(3))
     return total
+
+
+async def wait_for(check: Callable[[], Any], timeout: float, what: str) -> float:
+    """Await ``check()`` until truthy; return the seconds it took."""
+    start = time.monotonic()
+    while not await check():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.02)
+    return time.monotonic() - start

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from .conftest import Server, expected_text, metric
+from .conftest import Server, expected_text, metric, wait_for
 
 
 @pytest.fixture
@@ -136,3 +137,64 @@ async def test_http_requests_are_counted_by_path_and_status(fake_server: Server)
     assert delta(path="other", status="404") == 1
     assert delta(path="/v1/completions", status="400") == 1
     assert metric(after, "batcher_requests_total", outcome="rejected") >= 1
+
+
+async def test_served_model_names_aliases_and_model_not_found(server_factory: Any) -> None:
+    server = server_factory(
+        "--model", "fake", "--served-model-name", "main,alias-1", "--served-model-name", "org/alias-2"
+    )
+    async with openai.AsyncOpenAI(base_url=server.api, api_key="unused", max_retries=0) as client:
+        assert [m.id async for m in client.models.list()] == ["main", "alias-1", "org/alias-2"]
+        assert (await client.models.retrieve("org/alias-2")).id == "org/alias-2"
+        r = await client.completions.create(model="alias-1", prompt="named", max_tokens=3)
+        assert r.model == "main" and r.choices[0].text == expected_text("named", 3)
+        for call in (
+            client.completions.create(model="gpt-4o", prompt="x", max_tokens=3),
+            client.models.retrieve("gpt-4o"),
+        ):
+            with pytest.raises(openai.NotFoundError) as e:
+                await call
+            assert e.value.code == "model_not_found"
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        assert (await http.get("/ready")).json()["model"] == "main"
+        text = (await http.get("/metrics")).text
+    assert 'model="main"' in text
+
+
+async def test_a_list_of_prompts_gives_one_choice_each(client: openai.AsyncOpenAI) -> None:
+    prompts = ["first prompt", "the second one", "third"]
+    r = await client.completions.create(model="fake", prompt=prompts, max_tokens=4)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert [c.text for c in r.choices] == [expected_text(p, 4) for p in prompts]
+    assert r.usage.completion_tokens == 12 and r.usage.prompt_tokens == 2 + 3 + 1
+    stream = await client.completions.create(
+        model="fake", prompt=prompts, max_tokens=5, stream=True, stream_options={"include_usage": True}
+    )
+    texts = ["", "", ""]
+    usage = None
+    async for chunk in stream:
+        for c in chunk.choices:
+            texts[c.index] += c.text
+        usage = chunk.usage or usage
+    assert texts == [expected_text(p, 5) for p in prompts]
+    assert usage is not None and usage.completion_tokens == 15
+
+
+async def test_one_failing_prompt_of_a_list_ends_the_response_and_frees_the_others(
+    fake_server: Server,
+) -> None:
+    prompts = ["a long fine one", "this will FAIL", "another fine one"]
+    async with httpx.AsyncClient(base_url=fake_server.url, timeout=10) as http:
+        r = await http.post("/v1/completions", json={"prompt": prompts, "max_tokens": 50})
+        assert r.status_code == 500 and r.json()["error"]["code"] == "backend_failed"
+        body = {"prompt": prompts, "max_tokens": 50, "stream": True}
+        async with http.stream("POST", "/v1/completions", json=body) as s:
+            lines = [line async for line in s.aiter_lines() if line]
+        assert lines[-1] == "data: [DONE]" and "injected failure" in lines[-2]
+
+        async def idle() -> bool:
+            text = (await http.get("/metrics")).text
+            return metric(text, "batcher_running_requests") + metric(text, "batcher_queue_depth") == 0
+
+        await wait_for(idle, 5, "the other prompts to leave the batch")
+    assert "Traceback" not in fake_server.output()

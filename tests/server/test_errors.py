@@ -42,13 +42,17 @@ async def test_malformed_json_is_400(http: httpx.AsyncClient, raw: bytes) -> Non
     [
         ({"max_tokens": 4}, "prompt"),
         ({"prompt": ""}, "prompt"),
-        ({"prompt": ["a", "b"]}, "prompt"),
-        ({"prompt": [1, 2, 3]}, None),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": ["a"] * 65}, "prompt"),
+        ({"prompt": [1, 2, 3]}, "prompt"),
+        ({"prompt": [[1, 2], [3]]}, "prompt"),
         ({"prompt": "x", "n": 2}, "n"),
         ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
         ({"prompt": "x", "max_tokens": "5"}, "max_tokens"),
         ({"prompt": "x", "max_tokens": 10**9}, "max_tokens"),
         ({"prompt": "x", "temperature": -1}, "temperature"),
+        ({"prompt": "x", "temperature": 2.01}, "temperature"),
+        ({"prompt": "x", "temperature": 5}, "temperature"),
         ({"prompt": "x", "temperature": "hot"}, "temperature"),
         ({"prompt": "x", "top_p": 0}, "top_p"),
         ({"prompt": "x", "top_k": -3}, "top_k"),
@@ -57,6 +61,8 @@ async def test_malformed_json_is_400(http: httpx.AsyncClient, raw: bytes) -> Non
         ({"prompt": "x", "stop": ["s"] * 17}, "stop"),
         ({"prompt": "x", "stream": "yes"}, "stream"),
         ({"prompt": "x", "echo": True}, "echo"),
+        ({"prompt": "x", "unheard_of": 1}, "unheard_of"),
+        ({"prompt": "x", "messages": []}, "messages"),
         ({"prompt": "x", "logprobs": 3}, "logprobs"),
         ({"prompt": "x", "stream_options": {"include_usage": "y"}}, "stream_options.include_usage"),
     ],
@@ -85,6 +91,28 @@ async def test_bad_chat_parameters_are_400(
     http: httpx.AsyncClient, body: dict[str, Any], param: str | None
 ) -> None:
     assert_error(await http.post("/v1/chat/completions", json=body), 400, param)
+
+
+@pytest.mark.parametrize("max_tokens", [-1, 0, 32769, 1_000_000])
+async def test_one_max_tokens_limit_stated_once(http: httpx.AsyncClient, max_tokens: int) -> None:
+    for path, body in (
+        ("/v1/completions", {"prompt": "x", "max_tokens": max_tokens}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": max_tokens}),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": max_tokens},
+        ),
+    ):
+        error = assert_error(await http.post(path, json=body), 400, "max_tokens")
+        assert (
+            error["message"]
+            == f"max_tokens must be an integer in [1, 32768] (this server's limit), got {max_tokens}"
+        )
+
+
+async def test_token_id_prompts_get_a_clear_400(http: httpx.AsyncClient) -> None:
+    error = assert_error(await http.post("/v1/completions", json={"prompt": [5, 6]}), 400, "prompt")
+    assert error["message"] == "token-id prompts are not supported yet: send the prompt as text"
 
 
 async def test_prompt_too_long_is_400_context_length_exceeded(http: httpx.AsyncClient) -> None:

@@ -58,7 +58,7 @@ def request(i: int) -> dict[str, object]:
 
 async def run(client: openai.AsyncOpenAI, i: int, *, stream: bool) -> str:
     body = request(i)
-    kwargs = dict(model="m", max_tokens=MAX_TOKENS, temperature=0, stream=stream)
+    kwargs = dict(model="SmolLM2-135M-Instruct", max_tokens=MAX_TOKENS, temperature=0, stream=stream)
     if "messages" in body:
         r = await client.chat.completions.create(messages=body["messages"], **kwargs)  # type: ignore[arg-type]
         if not stream:
@@ -92,7 +92,7 @@ async def test_prompt_over_the_context_window_is_400(real_server: Server) -> Non
 
 async def test_usage_counts_real_tokens(client: openai.AsyncOpenAI) -> None:
     r = await client.chat.completions.create(
-        model="m", messages=[{"role": "user", "content": "Say hi."}], max_tokens=5
+        model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "Say hi."}], max_tokens=5
     )
     assert r.usage.prompt_tokens > 5 and 1 <= r.usage.completion_tokens <= 5
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
