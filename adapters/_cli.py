@@ -1,4 +1,4 @@
-"""The ``llm-batcher`` console script: ``llm-batcher serve [flags]``, ``llm-batcher --version``.
+"""The ``llm-batcher`` console script: ``serve``, ``bench``, ``selftest``; ``llm-batcher --version``.
 
 A dispatcher: one subparser per command. ``serve``'s flags are the one table :data:`_FLAGS`; every
 flag has an ``LLM_BATCHER_<NAME>`` environment variable (``--max-batch-size`` ↔
@@ -141,7 +141,7 @@ def _version() -> str:
 def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llm-batcher",
-        description="An OpenAI-compatible server over llm-batcher's continuous batching.",
+        description="llm-batcher: serve the OpenAI-compatible API, measure batching (bench), check it (selftest).",
         epilog=f"Every flag can also be set as an environment variable, e.g. {ENV_PREFIX}PORT=9000.",
     )
     parser.add_argument("--version", action="version", version=f"llm-batcher {_version()}")
@@ -165,17 +165,23 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
                 parser.error(f"{var}={value!r} is not a valid {getattr(kind, '__name__', 'value')}")
         action: Any = _Repeatable if isinstance(default, list) else "store"
         serve.add_argument(flag, type=kind, default=default, action=action, help=f"{text} [env {var}]")
+    from .tools import add_subcommands  # bench, selftest (their heavy imports load on use)
+
+    add_subcommands(sub)
     return parser
 
 
 def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Any:
-    """Flags and environment → :class:`~batcher.adapters.server._app.ServerSettings`."""
+    """``serve``'s flags and environment → :class:`~batcher.adapters.server._app.ServerSettings`."""
+    env = os.environ if env is None else env
+    parser = _parser(env)
+    return _settings(parser, parser.parse_args(argv), env)
+
+
+def _settings(parser: argparse.ArgumentParser, args: argparse.Namespace, env: Mapping[str, str]) -> Any:
     from .server._app import ServerSettings
     from .server._protocol import ConnectionLimits
 
-    env = os.environ if env is None else env
-    parser = _parser(env)
-    args = parser.parse_args(argv)
     batch = {
         field: getattr(args, dest) for dest, field in _BATCH_FIELDS.items() if getattr(args, dest) is not None
     }
@@ -248,7 +254,13 @@ def _api_keys(args: argparse.Namespace, env: Mapping[str, str]) -> list[Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``llm-batcher``."""
-    settings = parse_settings(argv)
+    parser = _parser(os.environ)
+    args = parser.parse_args(argv)
+    if args.command != "serve":
+        from .tools import run
+
+        return run(args)
+    settings = _settings(parser, args, os.environ)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -116,3 +116,13 @@ def test_a_refused_request_or_an_empty_window_ends_bench_with_a_message() -> Non
     no_token = run_tool("bench", "--model", "fake", "--max-batch-size", "1", "--duration", "0.001")
     assert no_token.returncode == 2
     assert "N=1 delivered no token within its window (0.001 s): give a longer --duration" in no_token.stderr
+
+
+@pytest.mark.parametrize("command", ["bench", "selftest"])
+def test_the_console_script_dispatches_to_the_tools(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from batcher.adapters._cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    assert f"llm-batcher {command}" in capsys.readouterr().out
