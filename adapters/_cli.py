@@ -141,7 +141,7 @@ def _version() -> str:
 def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llm-batcher",
-        description="llm-batcher: serve the OpenAI-compatible API, measure batching (bench), check it (selftest).",
+        description="Serve the OpenAI-compatible API; measure batching (bench); check it (selftest).",
         epilog=f"Every flag can also be set as an environment variable, e.g. {ENV_PREFIX}PORT=9000.",
     )
     parser.add_argument("--version", action="version", version=f"llm-batcher {_version()}")
