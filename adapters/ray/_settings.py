@@ -104,7 +104,6 @@ class RaySettings:
             "target_ongoing_requests": self.target_work or self.devices * batch.max_batch_size,
             "upscale_delay_s": self.upscale_delay_s,
             "downscale_delay_s": self.downscale_delay_s,
-            "look_back_period_s": max(2.0, 2 * self.metrics_period_s),
             "policy": {"policy_function": "batcher.adapters.ray._autoscale:queue_depth_policy"},
         }
 
