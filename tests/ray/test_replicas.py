@@ -13,12 +13,14 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
+from ..monitoring._harness import dashboard, expand, prom_api, prometheus, query_panels
 from .conftest import RayServer, expected_text, metric
 
 pytestmark = pytest.mark.slow
@@ -98,6 +100,29 @@ async def test_client_disconnect_cancels_the_request_inside_its_replica(server: 
     await until(lambda: cancelled() == 1, 10, f"a cancelled request on replica {replica}")
     running = metric(server.metrics(), "batcher_running_requests")
     assert running.get(replica) == 0, running
+
+
+@pytest.mark.prometheus
+async def test_prometheus_scrapes_every_replica_from_the_proxy_port(server: RayServer, tmp_path: Path) -> None:
+    """A Prometheus on 127.0.0.1 scrapes the proxy's /metrics: the replica variable finds both
+    replicas, and the dashboard's panels by replica draw one series each."""
+    replicas = set(server.wait_for_replicas(2, timeout=10))
+    target = server.url.removeprefix("http://")
+    async with openai.AsyncOpenAI(base_url=server.api, api_key="unused", max_retries=0) as client:
+        with prometheus(target, tmp_path / "prometheus") as prom:
+            for _ in range(3):  # traffic across a few 1 s scrapes, for the rates
+                await asyncio.gather(
+                    *(client.completions.create(model="fake", prompt=f"p {i}", max_tokens=8) for i in range(8))
+                )
+                await asyncio.sleep(1)
+            values = prom_api(prom, "label/replica/values", **{"match[]": "batcher_queue_depth"})
+            assert set(values) == replicas
+            by_replica = [p for p in query_panels(dashboard()) if p["title"].endswith("by replica")]
+            assert len(by_replica) == 3
+            for panel in by_replica:
+                result = prom_api(prom, "query", query=expand(panel["targets"][0]["expr"], "5s"))["result"]
+                assert {r["metric"].get("replica") for r in result} == replicas, panel["title"]
+                print(panel["title"], {r["metric"]["replica"]: r["value"][1] for r in result})
 
 
 async def _sse(http: httpx.AsyncClient, prompt: str, max_tokens: int, log: dict[str, Any]) -> None:
