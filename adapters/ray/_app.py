@@ -1,4 +1,4 @@
-"""The Serve application: Front (HTTP ingress) → BatcherReplica ×N, and the MetricsHub.
+"""The Serve application: Front (HTTP ingress) → BatcherReplica (N replicas), and the MetricsHub.
 
 ``build_app(settings, ray_settings)`` is what ``serve --replicas`` runs; ``app_builder(args)`` is
 the same for ``serve run batcher.adapters.ray:app_builder key=value...`` and Serve config files
@@ -10,13 +10,13 @@ serve`` flag and every Ray flag is an argument named like its flag (``max_batch_
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, cast
 
-from ray.serve import Application
+from ray.serve import Application, Deployment
 
 from batcher import BatchConfig, InvalidRequest
-from batcher.adapters.server import ServerSettings
 
+from ..server import ServerSettings
 from ._front import Front
 from ._metrics import MetricsHub, hub_options
 from ._replica import BatcherReplica
@@ -28,11 +28,14 @@ __all__ = ["app_builder", "build_app"]
 def build_app(settings: ServerSettings, ray_settings: RaySettings) -> Application:
     """The application: ``serve.run(build_app(...), route_prefix="/")`` serves the OpenAI API."""
     gpus = (settings.device or "").startswith("cuda")
-    hub = MetricsHub.bind(**hub_options(ray_settings.metrics_period_s))
-    replicas = BatcherReplica.options(**ray_settings.deployment_options(settings.batch, gpus=gpus)).bind(
-        settings, ray_settings.devices, hub, ray_settings.metrics_period_s
+    # serve.deployment turns each class into a Deployment, which mypy cannot see: hence the casts.
+    hub = cast(Deployment, MetricsHub).bind(**hub_options(ray_settings.metrics_period_s))
+    replicas = (
+        cast(Deployment, BatcherReplica)
+        .options(**ray_settings.deployment_options(settings.batch, gpus=gpus))
+        .bind(settings, ray_settings.devices, hub, ray_settings.metrics_period_s)
     )
-    return Front.bind(replicas, hub, settings.max_body_bytes)
+    return cast(Deployment, Front).bind(replicas, hub, settings.max_body_bytes)
 
 
 def app_builder(args: dict[str, Any]) -> Application:
@@ -49,7 +52,9 @@ def app_builder(args: dict[str, Any]) -> Application:
             "ServerSettings or RaySettings fields",
             field=unknown[0],
         )
-    settings = ServerSettings(batch=BatchConfig(**_typed(BatchConfig, batch)), **_typed(ServerSettings, values))
+    settings = ServerSettings(
+        batch=BatchConfig(**_typed(BatchConfig, batch)), **_typed(ServerSettings, values)
+    )
     return build_app(settings, RaySettings(**_typed(RaySettings, ray)))
 
 

@@ -28,4 +28,5 @@ def queue_depth_policy(ctx: AutoscalingContext) -> tuple[float, dict[str, Any]]:
         return ctx.target_num_replicas, {}
     reported = (ctx.aggregated_metrics or {}).get(WORK_METRIC, {})
     work = sum(reported.values()) if len(reported) >= ctx.current_num_replicas else ctx.total_num_requests
+    assert ctx.config is not None  # Serve always passes the deployment's autoscaling config
     return work / ctx.config.get_target_ongoing_requests(), {}

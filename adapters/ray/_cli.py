@@ -31,8 +31,16 @@ ENV_PREFIX = "LLM_BATCHER_"
 
 # (flag, type, help); every default is RaySettings' (None: unset).
 _FLAGS: tuple[tuple[str, type, str], ...] = (
-    ("--replicas", int, "serve through Ray Serve with N replicas (N batchers); the initial count when autoscaling"),
-    ("--ray-address", str, "join this Ray cluster (auto, host:port, ray://...) instead of starting a local one"),
+    (
+        "--replicas",
+        int,
+        "serve through Ray Serve with N replicas (N batchers); the initial count when autoscaling",
+    ),
+    (
+        "--ray-address",
+        str,
+        "join this Ray cluster (auto, host:port, ray://...) instead of starting a local one",
+    ),
     ("--devices", int, "devices per replica, one engine each: GPUs per replica with --device cuda"),
     ("--min-replicas", int, "autoscaling: fewest replicas"),
     ("--max-replicas", int, "autoscaling on the batchers' queue depth, up to this many replicas"),
@@ -92,7 +100,6 @@ def maybe_run(args: argparse.Namespace, settings: Any) -> int | None:
     return run(settings, chosen, num_cpus=args.ray_cpus)
 
 
-
 def run(settings: Any, ray_settings: RaySettings, *, num_cpus: int | None = None) -> int:
     """Start (or join) Ray, deploy the application, serve until SIGTERM/SIGINT, then drain."""
     local = ray_settings.ray_address is None
@@ -137,7 +144,7 @@ def run(settings: Any, ray_settings: RaySettings, *, num_cpus: int | None = None
         log.info("stopping: the replicas drain (up to %.0f s)", settings.batch.drain_timeout_s)
         serve.delete(ray_settings.app_name)
         if local:
-            serve.shutdown()
+            serve.shutdown()  # type: ignore[no-untyped-call]
         return 0
     finally:
         for s, handler in previous.items():

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from typing import Any, cast
 
 from ray import serve
 from ray.exceptions import RayError
 from ray.serve.exceptions import BackPressureError, RayServeException
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.types import Message, Receive, Scope, Send
 
 from ._metrics import CONTENT_TYPE_LATEST
@@ -49,7 +49,9 @@ _REPLICA_LOST = (
 class Relay:
     """The front's ASGI app (see the module doc)."""
 
-    def __init__(self, replicas: DeploymentHandle, hub: DeploymentHandle, max_body_bytes: int) -> None:
+    def __init__(
+        self, replicas: DeploymentHandle[Any], hub: DeploymentHandle[Any], max_body_bytes: int
+    ) -> None:
         self.replicas = replicas.options(stream=True)
         self.hub = hub
         self.max_body_bytes = max_body_bytes
@@ -89,7 +91,7 @@ class Relay:
 
     async def _relay(self, request: dict[str, Any], send: Send) -> None:
         started = sse = finished = False
-        response = self.replicas.http.remote(request)
+        response = cast(DeploymentResponseGenerator[Any], self.replicas.http.remote(request))
         try:
             async for batch in response:
                 for message in batch:
@@ -115,7 +117,7 @@ class Relay:
             log.warning("replica lost during %s %s: %r", request["method"], request["path"], e)
             await self._replica_lost(send, started=started, sse=sse, finished=finished)
         finally:
-            response.cancel()  # a no-op when the call finished; stops the replica's work otherwise
+            response.cancel()  # type: ignore[no-untyped-call]  # a no-op when the call finished; stops the replica's work otherwise
 
     async def _replica_lost(self, send: Send, *, started: bool, sse: bool, finished: bool) -> None:
         if not started:
@@ -131,7 +133,8 @@ class Relay:
 
 def _is_sse(start: Message) -> bool:
     return any(
-        k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in start.get("headers", [])
+        k.lower() == b"content-type" and v.startswith(b"text/event-stream")
+        for k, v in start.get("headers", [])
     )
 
 
@@ -160,7 +163,9 @@ async def _lifespan(receive: Receive, send: Send) -> None:
 class Front:
     """The ingress deployment: its ASGI app is a :class:`Relay` over the replicas' handle."""
 
-    def __init__(self, replicas: DeploymentHandle, hub: DeploymentHandle, max_body_bytes: int) -> None:
+    def __init__(
+        self, replicas: DeploymentHandle[Any], hub: DeploymentHandle[Any], max_body_bytes: int
+    ) -> None:
         self.relay = Relay(replicas, hub, max_body_bytes)
 
     def __serve_build_asgi_app__(self) -> Relay:

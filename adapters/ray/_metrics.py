@@ -75,7 +75,7 @@ class MetricsHub:
         """The Prometheus text exposition of every fresh snapshot."""
         self._drop_stale()
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Merged(families for _, families in self.snapshots.values()))  # type: ignore[arg-type]
+        registry.register(_Merged(families for _, families in self.snapshots.values()))
         return generate_latest(registry)
 
     def _drop_stale(self) -> None:

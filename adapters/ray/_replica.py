@@ -28,8 +28,8 @@ from ray.serve.handle import DeploymentHandle
 from starlette.types import ASGIApp, Message
 
 from batcher import FakeBackend
-from batcher.adapters.server import ServerSettings, create_app
 
+from ..server import ServerSettings, create_app
 from ._autoscale import WORK_METRIC
 from ._metrics import labelled
 
@@ -68,9 +68,12 @@ class _Lifespan:
     async def _send(self, message: Message) -> None:
         await self.outbox.put(message)
 
+    async def _run(self, scope: dict[str, Any]) -> None:
+        await self.app(scope, self.inbox.get, self._send)
+
     async def startup(self) -> None:
         scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
-        self.task = asyncio.get_running_loop().create_task(self.app(scope, self.inbox.get, self._send))
+        self.task = asyncio.get_running_loop().create_task(self._run(scope))
         await self._step("startup")
 
     async def shutdown(self) -> None:
@@ -89,12 +92,14 @@ class _Lifespan:
 class BatcherReplica:
     """A Serve replica owning one Batcher (one engine per device) inside the example server's app."""
 
-    async def __init__(
-        self, settings: ServerSettings, devices: int, hub: DeploymentHandle, metrics_period_s: float
+    async def __init__(  # type: ignore[misc]  # Serve awaits an async constructor
+        self, settings: ServerSettings, devices: int, hub: DeploymentHandle[Any], metrics_period_s: float
     ) -> None:
         self.replica_id = serve.get_replica_context().replica_tag
         self.registry = CollectorRegistry()
-        info = Gauge("batcher_replica_info", "1 per live replica; pid is its process", ["pid"], registry=self.registry)
+        info = Gauge(
+            "batcher_replica_info", "1 per live replica; pid is its process", ["pid"], registry=self.registry
+        )
         info.labels(str(os.getpid())).set(1)
         backends = await asyncio.to_thread(make_backends, settings, devices)
         factory: Callable[[], Any] = (lambda: backends) if devices > 1 else (lambda: backends[0])
@@ -137,7 +142,7 @@ class BatcherReplica:
                 message = {**message, "headers": headers}
             await out.put(message)
 
-        task = asyncio.get_running_loop().create_task(self.app(_scope(request), receive, send))
+        task = asyncio.get_running_loop().create_task(_call(self.app, _scope(request), receive, send))
         task.add_done_callback(lambda _: out.put_nowait(_END) if not out.full() else None)
         try:
             async for batch in _batches(out, task):
@@ -204,6 +209,10 @@ async def _batches(out: asyncio.Queue[Message], task: asyncio.Task[None]) -> Asy
         yield batch
         if task.done() and out.empty():
             return
+
+
+async def _call(app: ASGIApp, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    await app(scope, receive, send)
 
 
 def _scope(request: dict[str, Any]) -> dict[str, Any]:

@@ -59,10 +59,14 @@ class RayServer:
 
     def replicas(self) -> dict[str, int]:
         """Replica id → pid, from ``batcher_replica_info`` on the proxy's /metrics."""
-        found = re.findall(r'^batcher_replica_info\{pid="(\d+)",replica="(\w+)"\} 1\.0$', self.metrics(), re.M)
+        found = re.findall(
+            r'^batcher_replica_info\{pid="(\d+)",replica="(\w+)"\} 1\.0$', self.metrics(), re.M
+        )
         return {replica: int(pid) for pid, replica in found}
 
-    def wait_for_replicas(self, count: int, timeout: float, exclude: set[str] = frozenset()) -> dict[str, int]:
+    def wait_for_replicas(
+        self, count: int, timeout: float, exclude: set[str] = frozenset()
+    ) -> dict[str, int]:
         """Poll /metrics (another process: no event to wait on) until ``count`` replicas report."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

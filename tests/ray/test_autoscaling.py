@@ -36,7 +36,9 @@ async def test_scale_down_under_load_cuts_no_stream(ray_server_factory: Callable
     logs: list[dict[str, Any]] = [{"first": asyncio.Event()} for _ in short + long]
     async with httpx.AsyncClient(base_url=server.url, timeout=90) as http:
         started = time.monotonic()
-        tasks = [asyncio.create_task(_sse(http, p, n, log)) for (p, n), log in zip(short + long, logs, strict=True)]
+        tasks = [
+            asyncio.create_task(_sse(http, p, n, log)) for (p, n), log in zip(short + long, logs, strict=True)
+        ]
         await asyncio.gather(*tasks[: len(short)])
         long_logs = logs[len(short) :]
         assert {log["replica"] for log in long_logs} == set(both), "long streams did not reach both replicas"
@@ -48,7 +50,9 @@ async def test_scale_down_under_load_cuts_no_stream(ray_server_factory: Callable
             assert not all(t.done() for t in tasks), "no scale-down before the long streams ended"
             await asyncio.sleep(0.25)
         running = {r: sum(1 for log in long_logs if log["replica"] == r and "ended" not in log) for r in both}
-        print(f"scale-down decided {time.monotonic() - started:.1f} s in, streams running by replica: {running}")
+        print(
+            f"scale-down decided {time.monotonic() - started:.1f} s in, streams running by replica: {running}"
+        )
         assert all(n > 0 for n in running.values())
         await asyncio.wait_for(asyncio.gather(*tasks), 60)
     for (prompt, n), log in zip(short + long, logs, strict=True):

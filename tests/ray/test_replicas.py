@@ -51,11 +51,20 @@ async def test_64_concurrent_streams_each_get_exactly_their_tokens_from_both_rep
         prompt, max_tokens = f"prompt number {i} of the batch", 12 + i % 9
         if i % 2:
             chat = await client.chat.completions.create(
-                model="fake", messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, stream=True
+                model="fake",
+                messages=[{"role": "user", "content": prompt}],
+                max_tokens=max_tokens,
+                stream=True,
             )
             text = "".join([c.choices[0].delta.content or "" async for c in chat if c.choices])
-            return chat.response.headers["x-llm-batcher-replica"], text, expected_text(f"user: {prompt}", max_tokens)
-        plain = await client.completions.create(model="fake", prompt=prompt, max_tokens=max_tokens, stream=True)
+            return (
+                chat.response.headers["x-llm-batcher-replica"],
+                text,
+                expected_text(f"user: {prompt}", max_tokens),
+            )
+        plain = await client.completions.create(
+            model="fake", prompt=prompt, max_tokens=max_tokens, stream=True
+        )
         text = "".join([c.choices[0].text async for c in plain])
         return plain.response.headers["x-llm-batcher-replica"], text, expected_text(prompt, max_tokens)
 
@@ -103,7 +112,9 @@ async def test_client_disconnect_cancels_the_request_inside_its_replica(server: 
 
 
 @pytest.mark.prometheus
-async def test_prometheus_scrapes_every_replica_from_the_proxy_port(server: RayServer, tmp_path: Path) -> None:
+async def test_prometheus_scrapes_every_replica_from_the_proxy_port(
+    server: RayServer, tmp_path: Path
+) -> None:
     """A Prometheus on 127.0.0.1 scrapes the proxy's /metrics: the replica variable finds both
     replicas, and the dashboard's panels by replica draw one series each."""
     replicas = set(server.wait_for_replicas(2, timeout=10))
@@ -112,7 +123,10 @@ async def test_prometheus_scrapes_every_replica_from_the_proxy_port(server: RayS
         with prometheus(target, tmp_path / "prometheus") as prom:
             for _ in range(3):  # traffic across a few 1 s scrapes, for the rates
                 await asyncio.gather(
-                    *(client.completions.create(model="fake", prompt=f"p {i}", max_tokens=8) for i in range(8))
+                    *(
+                        client.completions.create(model="fake", prompt=f"p {i}", max_tokens=8)
+                        for i in range(8)
+                    )
                 )
                 await asyncio.sleep(1)
             values = prom_api(prom, "label/replica/values", **{"match[]": "batcher_queue_depth"})
@@ -165,11 +179,17 @@ async def test_a_replica_killed_mid_stream_ends_its_streams_with_an_error_and_do
                 assert expected_text(prompt, 150).startswith("".join(log["texts"]))
             else:
                 assert not log["errors"] and "".join(log["texts"]) == expected_text(prompt, 150)
-        print("killed replica's streams ended after (s):", [round(log["ended"] - killed_at, 2) for log in logs if log["replica"] == victim])
+        print(
+            "killed replica's streams ended after (s):",
+            [round(log["ended"] - killed_at, 2) for log in logs if log["replica"] == victim],
+        )
 
-        after = await http.post("/v1/completions", json={"model": "fake", "prompt": "still there?", "max_tokens": 4})
-        assert after.status_code == 200 and after.json()["choices"][0]["text"] == expected_text("still there?", 4)
-    started = time.monotonic()
+        after = await http.post(
+            "/v1/completions", json={"model": "fake", "prompt": "still there?", "max_tokens": 4}
+        )
+        assert after.status_code == 200 and after.json()["choices"][0]["text"] == expected_text(
+            "still there?", 4
+        )
     replaced = server.wait_for_replicas(2, timeout=60, exclude={victim})
-    print(f"Ray replaced {victim} in {time.monotonic() - started + (started - killed_at):.1f} s: {sorted(replaced)}")
+    print(f"Ray replaced {victim} within {time.monotonic() - killed_at:.1f} s: {sorted(replaced)}")
     assert victim not in replaced

@@ -6,12 +6,12 @@ import argparse
 import subprocess
 import sys
 
-import pytest
-
 import batcher.adapters.ray as ray_adapter
-from batcher import BatchConfig, InvalidRequest
+import pytest
 from batcher.adapters.ray import RaySettings, add_arguments, maybe_run
 from batcher.adapters.ray._autoscale import queue_depth_policy
+
+from batcher import BatchConfig, InvalidRequest
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -69,7 +69,9 @@ def test_max_ongoing_requests_is_sized_from_the_batcher_not_serves_default() -> 
 
 
 def test_autoscaling_targets_a_full_batch_per_replica_by_default() -> None:
-    options = RaySettings(replicas=2, max_replicas=4).deployment_options(BatchConfig(max_batch_size=32), gpus=False)
+    options = RaySettings(replicas=2, max_replicas=4).deployment_options(
+        BatchConfig(max_batch_size=32), gpus=False
+    )
     scaling = options["autoscaling_config"]
     assert "num_replicas" not in options
     assert (scaling["min_replicas"], scaling["initial_replicas"], scaling["max_replicas"]) == (1, 2, 4)
