@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import subprocess
 import sys
+from pathlib import Path
 
 import batcher.adapters.ray as ray_adapter
 import pytest
+import yaml
 from batcher.adapters.ray import RaySettings, add_arguments, maybe_run
 from batcher.adapters.ray._autoscale import queue_depth_policy
 
 from batcher import BatchConfig, InvalidRequest
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "ray"
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -117,3 +122,21 @@ def test_app_builder_takes_flag_names_and_strings() -> None:
 def test_app_builder_refuses_unknown_arguments() -> None:
     with pytest.raises(InvalidRequest, match="unknown application argument"):
         ray_adapter.app_builder({"model": "fake", "replicaz": "2"})
+
+
+@pytest.mark.parametrize("name", ["serve_config.yaml", "kuberay.yaml"])
+def test_the_sample_serve_configs_build(name: str) -> None:
+    """The sample files are valid Serve configs whose application builds (no Ray started)."""
+    from ray.serve.schema import ServeDeploySchema
+
+    loaded = yaml.safe_load((EXAMPLES / name).read_text())
+    config = yaml.safe_load(loaded["spec"]["serveConfigV2"]) if "spec" in loaded else loaded
+    (app,) = ServeDeploySchema.model_validate(config).applications
+    module, attr = app.import_path.split(":")
+    builder = getattr(importlib.import_module(module), attr)
+    built = builder(app.args)
+    replicas = built._bound_deployment.init_args[0]
+    assert (
+        replicas._bound_deployment._deployment_config.autoscaling_config.max_replicas
+        == app.args["max_replicas"]
+    )
