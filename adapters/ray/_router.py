@@ -2,11 +2,12 @@
 
 Serve's default router probes two random replicas and takes the one with fewer ongoing requests:
 with two replicas that is already "the less busy one", with more it can miss the idlest. This
-router ranks *every* candidate by the work its batcher last reported (``record_routing_stats``:
-requests waiting in its queue plus running, refreshed each ``request_routing_stats_period_s``)
-plus the requests this router has sent it since (Serve's queue-length cache), and offers them in
-that order; Serve then sends the request to the first one that has room under
-``max_ongoing_requests``. Between two stats reports the cache keeps the ranking current.
+router ranks *every* candidate by its queued work: the larger of what its batcher last reported
+(``record_routing_stats``: requests waiting in its queue plus running, refreshed every
+``request_routing_stats_period_s``, and counting other routers' requests too) and the requests
+Serve's queue-length cache knows it holds (fresh after each request this router sends). It offers
+them in that order; Serve sends the request to the first one with room under
+``max_ongoing_requests``.
 """
 
 from __future__ import annotations
