@@ -126,14 +126,14 @@ class BatcherReplica:
         """Run one HTTP request through the app; yield the ASGI messages it sends, in batches."""
         out: asyncio.Queue[Message] = asyncio.Queue(maxsize=256)
         body_sent = False
-        closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
         async def receive() -> Message:
             nonlocal body_sent
             if not body_sent:
                 body_sent = True
                 return {"type": "http.request", "body": request["body"], "more_body": False}
-            await closed  # the caller left: cancelled below, never resolved
+            await never  # the whole body was sent: wait until the app is cancelled (caller left)
             return {"type": "http.disconnect"}
 
         async def send(message: Message) -> None:

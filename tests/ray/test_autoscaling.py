@@ -59,7 +59,12 @@ async def test_scale_down_under_load_cuts_no_stream(ray_server_factory: Callable
         assert log["done"] and not log["errors"], log
         assert "".join(log["texts"]) == expected_text(prompt, n), prompt
     print(f"all {len(logs)} streams complete after {time.monotonic() - started:.1f} s")
-    stopped = re.search(r"Replica\(id='(\w+)', deployment='BatcherReplica'.*\) is stopped", server.output())
-    assert stopped is not None and stopped.group(1) in both, server.output()[-3000:]
+    # The stopping replica leaves once its streams are done and its batcher drained.
+    pattern = re.compile(r"Replica\(id='(\w+)', deployment='BatcherReplica'.*\) is stopped")
+    deadline = time.monotonic() + 30
+    while (stopped := pattern.search(server.output())) is None:
+        assert time.monotonic() < deadline, server.output()[-3000:]
+        await asyncio.sleep(0.25)
+    assert stopped.group(1) in both
     left = server.wait_for_replicas(1, timeout=20)
     assert set(left) == set(both) - {stopped.group(1)}

@@ -140,3 +140,9 @@ def test_the_sample_serve_configs_build(name: str) -> None:
         replicas._bound_deployment._deployment_config.autoscaling_config.max_replicas
         == app.args["max_replicas"]
     )
+
+
+def test_the_public_names() -> None:
+    assert ray_adapter.__all__ == ["RaySettings", "add_arguments", "app_builder", "build_app", "maybe_run"]
+    for name in ray_adapter.__all__:
+        assert getattr(ray_adapter, name) is not None
