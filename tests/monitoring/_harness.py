@@ -167,7 +167,7 @@ def dashboard_exprs(dash: dict[str, Any]) -> list[tuple[str, str]]:
 def expand(expr: str, rate_interval: str = "15s") -> str:
     """Template variables as Grafana fills them with "All" selected."""
     expr = expr.replace("${__rate_interval}", rate_interval).replace("$__rate_interval", rate_interval)
-    return re.sub(r"\$\{?(model|engine)\}?", ".*", expr)
+    return re.sub(r"\$\{?(model|engine|replica)\}?", ".*", expr)
 
 
 def rule_exprs() -> list[tuple[str, str]]:
