@@ -165,8 +165,10 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
                 parser.error(f"{var}={value!r} is not a valid {getattr(kind, '__name__', 'value')}")
         action: Any = _Repeatable if isinstance(default, list) else "store"
         serve.add_argument(flag, type=kind, default=default, action=action, help=f"{text} [env {var}]")
+    from .ray import add_arguments  # --replicas, --ray-address... (Ray itself loads on use)
     from .tools import add_subcommands  # bench, selftest (their heavy imports load on use)
 
+    add_arguments(serve)
     add_subcommands(sub)
     return parser
 
@@ -264,6 +266,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    from .ray import maybe_run
+
+    status = maybe_run(args, settings)  # --replicas / --ray-address: the same API on Ray Serve
+    if status is not None:
+        return status
     from .server._app import serve
 
     return serve(settings)

@@ -17,12 +17,16 @@ from ray.serve import Application, Deployment
 from batcher import BatchConfig, InvalidRequest
 
 from ..server import ServerSettings
+from ..server._auth import ApiKey, parse_key_file
 from ._front import Front
 from ._metrics import MetricsHub, hub_options
 from ._replica import BatcherReplica
 from ._settings import RaySettings
 
 __all__ = ["app_builder", "build_app"]
+
+
+_FRONT_BODY_CAP = 16 << 20
 
 
 def build_app(settings: ServerSettings, ray_settings: RaySettings) -> Application:
@@ -35,7 +39,9 @@ def build_app(settings: ServerSettings, ray_settings: RaySettings) -> Applicatio
         .options(**ray_settings.deployment_options(settings.batch, gpus=gpus))
         .bind(settings, ray_settings.devices, hub, ray_settings.metrics_period_s)
     )
-    return cast(Deployment, Front).bind(replicas, hub, settings.max_body_bytes)
+    # The front only bounds what it buffers; each replica's gate answers 413 past the limit its
+    # server derives from the model (the settings give one only when the user set it).
+    return cast(Deployment, Front).bind(replicas, hub, settings.max_body_bytes or _FRONT_BODY_CAP)
 
 
 def app_builder(args: dict[str, Any]) -> Application:
@@ -45,6 +51,9 @@ def app_builder(args: dict[str, Any]) -> Application:
     ray_names = {f.name for f in dataclasses.fields(RaySettings)} - {"ray_address"}
     ray = {k: values.pop(k) for k in list(values) if k in ray_names}
     server_names = {f.name for f in dataclasses.fields(ServerSettings)} - {"batch", "host", "port"}
+    keys = _api_keys(values.pop("api_key", None), values.pop("api_key_file", None))
+    if keys:
+        values["api_keys"] = keys
     unknown = sorted(set(values) - server_names)
     if unknown:
         raise InvalidRequest(
@@ -56,6 +65,16 @@ def app_builder(args: dict[str, Any]) -> Application:
         batch=BatchConfig(**_typed(BatchConfig, batch)), **_typed(ServerSettings, values)
     )
     return build_app(settings, RaySettings(**_typed(RaySettings, ray)))
+
+
+def _api_keys(key: str | None, key_file: str | None) -> tuple[ApiKey, ...]:
+    """``api_key`` / ``api_key_file`` as the CLI takes them (an empty key is refused, as there)."""
+    keys = list(parse_key_file(key_file)) if key_file else []
+    if key is not None:
+        if not str(key).strip():
+            raise InvalidRequest("api_key is empty: an empty key would let everyone in", field="api_key")
+        keys.append(ApiKey(str(key)))
+    return tuple(keys)
 
 
 def _typed(cls: type, values: dict[str, Any]) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Fixtures of the Ray Serve tests: ``python -m batcher.adapters.ray`` in a subprocess, on loopback.
+"""Fixtures of the Ray Serve tests: ``llm-batcher serve --replicas ...`` in a subprocess, on loopback.
 
 Each server starts its own local Ray (127.0.0.1, no dashboard, 2 CPUs, each replica reserving
 half a CPU) with Serve's HTTP proxy on a free loopback port, serves the fake backend, and is
@@ -88,13 +88,15 @@ class RayServer:
 
 
 def start_ray_server(tmp: Path, *args: str, ready_timeout: float = 120.0) -> RayServer:
-    """``python -m batcher.adapters.ray --model fake ARGS`` on a free port, ready when /ready is 200."""
+    """``llm-batcher serve --model fake ARGS`` (the console script's code path) on a free port, ready
+    when it says so; ARGS carry ``--replicas`` or ``--ray-address``."""
     port = free_port()
     log = tmp / f"ray-server-{port}.log"
     cmd = [
         sys.executable,
         "-m",
-        "batcher.adapters.ray",
+        "batcher.adapters._cli",
+        "serve",
         "--model",
         "fake",
         "--port",

@@ -114,7 +114,8 @@ def test_app_builder_takes_flag_names_and_strings() -> None:
     )
     replicas = app._bound_deployment.init_args[0]  # Front.bind(replicas, hub, max_body_bytes)
     settings, devices = replicas._bound_deployment.init_args[:2]
-    assert settings.batch.max_batch_size == 8 and settings.api_key == "1234" and devices == 1
+    assert settings.batch.max_batch_size == 8 and devices == 1
+    assert [k.key for k in settings.api_keys] == ["1234"]
     config = replicas._bound_deployment._deployment_config
     assert config.autoscaling_config.max_replicas == 3 and config.max_ongoing_requests == 8 + 256
 
