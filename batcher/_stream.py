@@ -5,6 +5,7 @@ errors arrive before the first token is awaited) or on the first iteration. Iter
 async generator, so a consumer that ``break``s, is cancelled, or closes the stream runs its
 ``finally`` and cancels the request; ``async with`` makes that deterministic. Nothing is cleaned up
 in ``__del__``: an abandoned stream is closed by the event loop's async-generator finalizer.
+:func:`completion` (what ``Batcher.generate`` returns) drains a stream: there is one consuming loop.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from types import TracebackType
 
+from ._errors import BatcherError
 from ._request import GenRequest
-from ._types import Chunk, Outcome
+from ._types import Chunk, Completion, Outcome
 
-__all__ = ["TokenStream"]
+__all__ = ["TokenStream", "completion"]
 
 
 class TokenStream(AsyncIterator[Chunk]):
@@ -83,6 +85,22 @@ class TokenStream(AsyncIterator[Chunk]):
                 elif req.done:
                     return
                 else:
-                    await req.wait_for_data()
+                    await req.wait()
         finally:
             req.cancel()  # no-op once it ended
+
+
+async def completion(stream: TokenStream) -> Completion:
+    """Drain ``stream`` into one :class:`Completion`, then close it."""
+    texts: list[str] = []
+    ids: list[int] = []
+    try:
+        async for chunk in stream:
+            texts.append(chunk.text)
+            ids.extend(chunk.token_ids)
+            if chunk.finish_reason is not None:
+                assert chunk.usage is not None
+                return Completion("".join(texts), tuple(ids), chunk.finish_reason, chunk.usage)
+    finally:
+        await stream.aclose()
+    raise BatcherError("the request ended without a finish reason")  # unreachable by design

@@ -10,8 +10,8 @@ import batcher
 
 def test_all_is_sorted_and_complete() -> None:
     assert list(batcher.__all__) == sorted(batcher.__all__)
-    # the subpackage batcher.adapters appears as an attribute once something imports it
-    public = {n for n in dir(batcher) if not n.startswith("_")} - {"adapters"}
+    # submodules (batcher.adapters, batcher.backend...) appear as attributes once imported
+    public = {n for n in dir(batcher) if not n.startswith("_")} - {"adapters", "backend", "testing"}
     # Submodules are private (underscored); every public attribute is in __all__ and vice versa.
     assert public == set(batcher.__all__)
     for name in batcher.__all__:
