@@ -8,7 +8,7 @@ start, then drain and close) and reports their statistics. The work happens in t
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from types import TracebackType
 from typing import Any, Unpack
 
@@ -150,11 +150,14 @@ class Batcher:
         """
         return self._generation().stream(prompt, dict(options))
 
-    async def generate(self, prompt: Prompt, /, **options: Unpack[GenerationOptions]) -> Completion:
-        """Generate for ``prompt`` and return the whole :class:`Completion`."""
-        return await self._generation().generate(prompt, dict(options))
+    def generate(
+        self, prompt: Prompt, /, **options: Unpack[GenerationOptions]
+    ) -> Coroutine[Any, Any, Completion]:
+        """Generate for ``prompt``; await the whole :class:`Completion` (what the stream would
+        give, joined). Errors are those of :meth:`stream`, raised when awaited."""
+        return self._generation().generate(prompt, dict(options))
 
-    async def infer(self, item: Any) -> Any:
+    def infer(self, item: Any) -> Coroutine[Any, Any, Any]:
         """Run ``item`` through the one-shot batch function, batched with concurrent calls."""
         if not isinstance(self._service, OneShotBatcher):
             self._admission.refuse("rejected")
@@ -163,7 +166,7 @@ class Batcher:
                 "generate(), or pass a batch function for infer()",
                 field="backend",
             )
-        return await self._service.infer(item)
+        return self._service.infer(item)
 
     def _generation(self) -> GenerationBatcher:
         if not isinstance(self._service, GenerationBatcher):

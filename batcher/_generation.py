@@ -8,7 +8,7 @@ request; what comes back is a :class:`TokenStream`, which ``generate`` drains.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from ._admission import Admission
@@ -16,7 +16,7 @@ from ._backend import GenerationBackend
 from ._config import BatchConfig
 from ._continuous import GenerationEngine
 from ._errors import InvalidRequest
-from ._options import Options
+from ._options import Options, Parsed
 from ._request import GenRequest
 from ._stats import DrainRate
 from ._stream import TokenStream, completion
@@ -37,15 +37,19 @@ class GenerationBatcher:
 
     def stream(self, prompt: object, options: dict[str, Any]) -> TokenStream:
         """Validate now; admit when the stream is entered or first iterated."""
+        parsed = self._parse(prompt, options)
+        return TokenStream(lambda: self._admit(*parsed))
+
+    def generate(self, prompt: object, options: dict[str, Any]) -> Coroutine[Any, Any, Completion]:
+        """Validate and admit when awaited, then drain the request's stream."""
+        return completion(TokenStream(lambda: self._admit(*self._parse(prompt, options))))
+
+    def _parse(self, prompt: object, options: dict[str, Any]) -> Parsed:
         try:
-            parsed = self._options.parse(prompt, options)
+            return self._options.parse(prompt, options)
         except InvalidRequest:
             self.admission.refuse("rejected")
             raise
-        return TokenStream(lambda: self._admit(*parsed))
-
-    async def generate(self, prompt: object, options: dict[str, Any]) -> Completion:
-        return await completion(self.stream(prompt, options))
 
     def _admit(
         self, prompt: Prompt, params: SamplingParams, deadline_s: float | None, priority: int

@@ -40,7 +40,14 @@ class OneShotBatcher(Generic[In, Out]):
 
     async def infer(self, item: In) -> Out:
         """Run ``item`` through the batch function, batched with concurrent calls."""
-        return await self.admission.admit().infer(item)
+        engine = self.admission.admit()
+        queued = engine.submit(item)
+        try:
+            return await queued.future
+        except asyncio.CancelledError:
+            if queued.future.cancelled():  # the caller left: forget the item (a running one's
+                engine.forget(queued)  # output is discarded)
+            raise
 
 
 class _Item(Generic[In, Out]):
@@ -71,20 +78,24 @@ class OneShotEngine(Engine, Generic[In, Out]):
     def running(self) -> int:
         return len(self._in_flight)
 
-    async def infer(self, value: In) -> Out:
-        """Queue ``value`` for the next batch and wait for its output."""
+    def submit(self, value: In) -> _Item[In, Out]:
+        """Queue ``value`` for the next batch: its output comes in the item's future."""
         loop = asyncio.get_running_loop()
         item: _Item[In, Out] = _Item(value, loop.create_future(), loop.time())
         queue = self._queue
         queue.append(item)
         if len(queue) == 1 or len(queue) >= self.config.max_batch_size:
             self._wake()
+        return item
+
+    def forget(self, item: _Item[In, Out]) -> None:
+        """The caller left: drop its item if still queued, and count it cancelled."""
         try:
-            return await item.future
-        except asyncio.CancelledError:
-            if item.future.cancelled():  # the caller left: forget a queued item; a running one's
-                self._forget(item)  # output is discarded
-            raise
+            self._queue.remove(item)  # O(queue), on cancellation only; the queue is bounded
+        except ValueError:
+            pass  # already taken into a batch
+        self.stats.count("cancelled", asyncio.get_running_loop().time() - item.arrival)
+        self._check_idle()
 
     def wait_idle(self) -> asyncio.Future[None]:
         loop = asyncio.get_running_loop()
@@ -160,14 +171,6 @@ class OneShotEngine(Engine, Generic[In, Out]):
         else:
             item.future.set_result(out)
             self.stats.count("finished", duration)
-
-    def _forget(self, item: _Item[In, Out]) -> None:
-        try:
-            self._queue.remove(item)  # O(queue), on cancellation only; the queue is bounded
-        except ValueError:
-            pass  # already taken into a batch
-        self.stats.count("cancelled", asyncio.get_running_loop().time() - item.arrival)
-        self._check_idle()
 
     def _check_idle(self) -> None:
         if not self.load:

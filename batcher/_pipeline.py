@@ -212,15 +212,15 @@ class Pipeline:
         del self._running[req.seq_id]
         self._reserved -= req.cost
 
-    def _ended(self, req: GenRequest, was: Stage) -> None:
+    def _ended(self, req: GenRequest, was: Stage, duration: float) -> None:
         """Every request's end, whoever ended it (:data:`~batcher._request.OnEnd`)."""
         if self._at[was].pop(req.seq_id, None) is not None and was == RUNNING:
             self._reserved -= req.cost
             self._drop.append(req.seq_id)  # the backend still holds it: free it at the next step
             self._wake_engine()
         assert req.outcome is not None
-        self.stats.count(req.outcome, req.age())
-        if not self.live:
+        self.stats.count(req.outcome, duration)
+        if not (self._preparing or self._waiting or self._running):
             self.idle.set()
 
 

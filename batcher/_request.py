@@ -15,7 +15,7 @@ from enum import IntEnum
 
 from ._errors import DeadlineExceeded
 from ._types import Chunk, FinishReason, Outcome, Prompt, SamplingParams, Usage
-from ._wakeup import Wakeup
+from ._wakeup import release
 
 __all__ = ["DONE", "PREPARING", "RUNNING", "WAITING", "GenRequest", "OnEnd", "Stage"]
 
@@ -31,8 +31,8 @@ class Stage(IntEnum):
 
 PREPARING, WAITING, RUNNING, DONE = Stage
 
-#: Called once when a request ends, with the stage it was in: the owner's one end-of-life hook.
-OnEnd = Callable[["GenRequest", Stage], None]
+#: Called once when a request ends, with the stage it was in and its age: the owner's one hook.
+OnEnd = Callable[["GenRequest", Stage, float], None]
 
 
 class GenRequest:
@@ -44,9 +44,10 @@ class GenRequest:
         "_ids",
         "_loop",
         "_on_end",
+        "_prepared_waiter",
         "_texts",
         "_timer",
-        "_wakeup",
+        "_waiter",
         "arrival",
         "cost",
         "deadline",
@@ -93,22 +94,19 @@ class GenRequest:
         self._ids: list[int] = []
         self._finish_reason: FinishReason | None = None
         self._error: BaseException | None = None
-        self._wakeup = Wakeup()  # the consumer waits here for its prompt to be queued, or for data
+        self._waiter: asyncio.Future[None] | None = None  # the consumer waits for data
+        self._prepared_waiter: asyncio.Future[None] | None = None  # ...or to be queued
 
     @property
     def done(self) -> bool:
         return self.stage == DONE
-
-    def age(self) -> float:
-        """Seconds since admission, on the loop clock."""
-        return self._loop.time() - self.arrival
 
     # -- the pipeline's side ----------------------------------------------------------------
     def prepared(self, ids: tuple[int, ...]) -> None:
         """The prompt is tokenized: set its ids and cost, and wake a consumer waiting for it."""
         self.prompt_ids = ids
         self.cost = len(ids) + self.params.max_tokens
-        self._wakeup.set()
+        release(self._prepared_waiter)
 
     def push(self, ids: Sequence[int], text: str) -> None:
         """Deliver new tokens (merged with any the consumer has not taken yet)."""
@@ -116,7 +114,7 @@ class GenRequest:
         if text:
             self._texts.append(text)
         self.produced += len(ids)
-        self._wakeup.set()
+        self._wake()
 
     def finish(
         self, outcome: Outcome, *, reason: FinishReason | None = None, error: BaseException | None = None
@@ -131,8 +129,9 @@ class GenRequest:
         self._error = error
         if self._timer is not None:
             self._timer.cancel()
-        self._on_end(self, was)
-        self._wakeup.set()
+        self._on_end(self, was, self._loop.time() - self.arrival)
+        release(self._prepared_waiter)
+        self._wake()
 
     def cancel(self) -> None:
         self.finish("cancelled")
@@ -149,18 +148,24 @@ class GenRequest:
             ),
         )
 
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        release(waiter)
+
     # -- the consumer's side ----------------------------------------------------------------
     async def wait_prepared(self) -> None:
         """Return once tokenized and queued; raise the error if it was refused or ended."""
-        while self.stage == PREPARING:
-            await self._wakeup.wait(self._loop)
+        if self.stage == PREPARING:
+            self._prepared_waiter = self._loop.create_future()
+            await self._prepared_waiter
         if self.stage == DONE and self._error is not None and not self._ids:
             raise self._error
 
     def wait(self) -> asyncio.Future[None]:
         """A future resolved when tokens arrive or the request ends (the stream awaits it only
         when :meth:`take_chunk` found nothing, so a lagging consumer never waits)."""
-        return self._wakeup.wait(self._loop)
+        waiter = self._waiter = self._loop.create_future()
+        return waiter
 
     def take_chunk(self) -> Chunk | None:
         """Everything pending, merged into one chunk (the final one carries the finish reason and

@@ -82,6 +82,8 @@ class TokenStream(AsyncIterator[Chunk]):
                 chunk = req.take_chunk()  # everything pending, merged; raises the request's error
                 if chunk is not None:
                     yield chunk
+                    if chunk.finish_reason is not None:
+                        return  # the final chunk
                 elif req.done:
                     return
                 else:
@@ -91,16 +93,17 @@ class TokenStream(AsyncIterator[Chunk]):
 
 
 async def completion(stream: TokenStream) -> Completion:
-    """Drain ``stream`` into one :class:`Completion`, then close it."""
+    """Drain ``stream`` into one :class:`Completion` (closing it if draining stops early)."""
     texts: list[str] = []
     ids: list[int] = []
+    last: Chunk | None = None
     try:
-        async for chunk in stream:
-            texts.append(chunk.text)
-            ids.extend(chunk.token_ids)
-            if chunk.finish_reason is not None:
-                assert chunk.usage is not None
-                return Completion("".join(texts), tuple(ids), chunk.finish_reason, chunk.usage)
-    finally:
+        async for last in stream:
+            texts.append(last.text)
+            ids.extend(last.token_ids)
+    except BaseException:
         await stream.aclose()
-    raise BatcherError("the request ended without a finish reason")  # unreachable by design
+        raise
+    if last is None or last.finish_reason is None or last.usage is None:
+        raise BatcherError("the request ended without a finish reason")  # unreachable by design
+    return Completion("".join(texts), tuple(ids), last.finish_reason, last.usage)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-__all__ = ["Wakeup"]
+__all__ = ["Wakeup", "release"]
 
 
 class Wakeup:
@@ -25,5 +25,11 @@ class Wakeup:
 
     def set(self) -> None:
         waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        release(waiter)
+
+
+def release(waiter: asyncio.Future[None] | None) -> None:
+    """Resolve ``waiter`` if it is still pending. (Per-request waiters are bare futures, set with
+    this: a :class:`Wakeup` object for each would cost an allocation on the admission path.)"""
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
