@@ -44,7 +44,9 @@ class GenerationEngine(Engine):
         self.backend = backend
         self.host = WorkerThread(f"batcher-host-{index}")
         limits = [x for x in (config.max_batch_tokens, getattr(backend, "max_batch_tokens", None)) if x]
-        self.pipeline = Pipeline(config, min(limits) if limits else None, self.stats, drain, self._wake)
+        self.pipeline = Pipeline(
+            config, min(limits) if limits else None, self.stats, drain, wake=self._wake, idle=self._idle.set
+        )
         self._to_prepare: list[GenRequest] = []
         self._prepare_wakeup = Wakeup()
         self._prepare_task: asyncio.Task[None] | None = None
@@ -78,14 +80,6 @@ class GenerationEngine(Engine):
         super().launch()
         loop = asyncio.get_running_loop()
         self._prepare_task = loop.create_task(self._prepare_loop(), name=f"batcher-prepare-{self.index}")
-
-    def wait_idle(self) -> asyncio.Future[None]:
-        loop = asyncio.get_running_loop()
-        if self.pipeline.live:
-            return self.pipeline.idle.wait(loop)
-        idle = loop.create_future()
-        idle.set_result(None)
-        return idle
 
     def end_all(self, outcome: Outcome, error: BaseException) -> None:
         self.pipeline.end_all(outcome, error)

@@ -29,7 +29,8 @@ class Engine(ABC):
         self.config = config
         self.stats = EngineStats()
         self.worker = WorkerThread(f"batcher-device-{index}")
-        self._wakeup = Wakeup()
+        self._wakeup = Wakeup()  # the loop task sleeps on it
+        self._idle = Wakeup()  # the batcher's drain waits on it
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
 
@@ -58,9 +59,14 @@ class Engine(ABC):
     def launch(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-engine-{self.index}")
 
-    @abstractmethod
     def wait_idle(self) -> asyncio.Future[None]:
         """A future resolved once no request is left here (at once if none is)."""
+        loop = asyncio.get_running_loop()
+        if self.load:
+            return self._idle.wait(loop)
+        idle = loop.create_future()
+        idle.set_result(None)
+        return idle
 
     @abstractmethod
     def end_all(self, outcome: Outcome, error: BaseException) -> None:

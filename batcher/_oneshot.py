@@ -22,7 +22,6 @@ from ._engine import Engine
 from ._errors import RequestFailed, failed
 from ._stats import DrainRate
 from ._types import Outcome
-from ._wakeup import Wakeup
 
 __all__ = ["OneShotBatcher", "OneShotEngine"]
 
@@ -68,7 +67,6 @@ class OneShotEngine(Engine, Generic[In, Out]):
         self._drain = drain
         self._queue: deque[_Item[In, Out]] = deque()
         self._in_flight: list[_Item[In, Out]] = []
-        self._idle = Wakeup()
 
     @property
     def queue_depth(self) -> int:
@@ -96,14 +94,6 @@ class OneShotEngine(Engine, Generic[In, Out]):
             pass  # already taken into a batch
         self.stats.count("cancelled", asyncio.get_running_loop().time() - item.arrival)
         self._check_idle()
-
-    def wait_idle(self) -> asyncio.Future[None]:
-        loop = asyncio.get_running_loop()
-        if self.load:
-            return self._idle.wait(loop)
-        idle = loop.create_future()
-        idle.set_result(None)
-        return idle
 
     def end_all(self, outcome: Outcome, error: BaseException) -> None:
         for item in [*self._in_flight, *self._queue]:

@@ -20,7 +20,6 @@ from ._request import RUNNING, WAITING, GenRequest, Stage
 from ._scheduler import plan
 from ._stats import DrainRate, EngineStats
 from ._types import Outcome, Prompt, SamplingParams
-from ._wakeup import Wakeup
 
 __all__ = ["Pipeline"]
 
@@ -34,14 +33,17 @@ class Pipeline:
         token_budget: int | None,
         stats: EngineStats,
         drain: DrainRate,
-        wake_engine: Callable[[], None],
+        *,
+        wake: Callable[[], None],
+        idle: Callable[[], None],
     ) -> None:
+        """``wake`` tells the engine a step has work; ``idle`` that no request is left."""
         self.config = config
         self.token_budget = token_budget
         self.stats = stats
-        self.idle = Wakeup()
         self._drain = drain
-        self._wake_engine = wake_engine
+        self._wake_engine = wake
+        self._idle = idle
         # Insertion-ordered by seq_id, one dict per live stage: a request is in exactly one.
         # _running holds the sequences the backend holds: one it finished leaves before it ends.
         self._at: tuple[dict[int, GenRequest], ...] = ({}, {}, {})
@@ -185,8 +187,13 @@ class Pipeline:
                 self._release(r)
                 r.finish("finished", reason=reason)
         stats.generated_tokens += generated
-        for seq_id, err in result.failed.items():
-            r = running.get(seq_id)
+        if result.failed:
+            self._fail_blamed(result.failed)
+
+    def _fail_blamed(self, blamed: dict[int, BaseException]) -> None:
+        """The backend blamed these sequences for an error (and freed them): each fails alone."""
+        for seq_id, err in blamed.items():
+            r = self._running.get(seq_id)
             if r is not None:
                 self._release(r)
                 r.finish("failed", error=failed("the backend failed this sequence", err))
@@ -221,7 +228,7 @@ class Pipeline:
         assert req.outcome is not None
         self.stats.count(req.outcome, duration)
         if not (self._preparing or self._waiting or self._running):
-            self.idle.set()
+            self._idle()
 
 
 def _observe_gaps(stats: EngineStats, gap: float, n: int) -> None:

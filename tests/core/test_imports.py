@@ -94,7 +94,26 @@ def test_the_core_never_imports_torch_or_the_adapters() -> None:
             assert not name.startswith("batcher.adapters"), (path.name, name)
 
 
+def layout() -> dict[str, int]:
+    """Module → its line in the layout comment of ``batcher/__init__.py``."""
+    rows: dict[str, int] = {}
+    for i, line in enumerate((batcher.__doc__ or "").splitlines()):
+        if line.startswith("    _"):
+            names = line.strip().split("  ")[0]  # "_config, _types, _errors   configuration..."
+            rows.update({f"batcher.{n.strip()}": i for n in names.split(",")})
+    return rows
+
+
 def test_the_layout_comment_names_every_private_module() -> None:
-    layout = batcher.__doc__ or ""
+    rows = layout()
     for path in PACKAGE.glob("_[!_]*.py"):
-        assert path.stem in layout, f"the layout comment in batcher/__init__.py omits {path.stem}"
+        assert module_name(path) in rows, f"the layout comment in batcher/__init__.py omits {path.stem}"
+
+
+def test_imports_point_down_the_layout_comment() -> None:
+    """The layout comment reads top-down: a module imports only the modules listed below it."""
+    rows = layout()
+    for module, targets in core_graph().items():
+        for target in targets - {"batcher"}:
+            if module in rows and target in rows:
+                assert rows[target] >= rows[module], f"{module} imports {target}, listed above it"
