@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from batcher import FinishReason, SamplingParams, SeqOutput, StopMatcher
+from batcher.backend import FinishReason, SamplingParams, SeqOutput, StopMatcher
 
 from ._detok import Detokenizer
 from ._sampling import RowSampler

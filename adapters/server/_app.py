@@ -41,12 +41,12 @@ from batcher import (
     BatcherClosed,
     BatcherError,
     DeadlineExceeded,
-    FakeBackend,
     InvalidRequest,
     Overloaded,
     PromptTooLong,
     RequestFailed,
 )
+from batcher.testing import FakeBackend
 
 from ._asgi import CLIENT_CLOSED, EventStream, Gate, until_disconnect
 from ._openai import (

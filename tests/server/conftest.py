@@ -20,7 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from batcher import FakeBackend, SamplingParams
+from batcher.backend import SamplingParams
+from batcher.testing import FakeBackend
 
 ROOT = Path(__file__).resolve().parents[2]
 
