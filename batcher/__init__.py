@@ -27,15 +27,6 @@ Layout (a module imports only modules below it; ``batcher`` never imports torch 
     _config, _types, _errors   configuration, value types, the exception tree
 """
 
-from ._backend import (
-    BatchFunction,
-    GenerationBackend,
-    NewSequence,
-    PreparedPrompt,
-    PrepareRequest,
-    SeqOutput,
-    StepResult,
-)
 from ._batcher import Batcher
 from ._config import BatchConfig
 from ._errors import (
@@ -47,24 +38,12 @@ from ._errors import (
     PromptTooLong,
     RequestFailed,
 )
-from ._fake import FakeBackend
 from ._stats import BatcherStats
 from ._stream import TokenStream
-from ._text import StopMatcher
-from ._types import (
-    Chunk,
-    Completion,
-    FinishReason,
-    GenerationOptions,
-    Outcome,
-    Prompt,
-    SamplingParams,
-    Usage,
-)
+from ._types import Chunk, Completion, GenerationOptions, Prompt, Usage
 
 __all__ = [
     "BatchConfig",
-    "BatchFunction",
     "Batcher",
     "BatcherClosed",
     "BatcherError",
@@ -72,23 +51,12 @@ __all__ = [
     "Chunk",
     "Completion",
     "DeadlineExceeded",
-    "FakeBackend",
-    "FinishReason",
-    "GenerationBackend",
     "GenerationOptions",
     "InvalidRequest",
-    "NewSequence",
-    "Outcome",
     "Overloaded",
-    "PrepareRequest",
-    "PreparedPrompt",
     "Prompt",
     "PromptTooLong",
     "RequestFailed",
-    "SamplingParams",
-    "SeqOutput",
-    "StepResult",
-    "StopMatcher",
     "TokenStream",
     "Usage",
 ]

@@ -14,12 +14,12 @@ from batcher import (
     BatcherClosed,
     Chunk,
     DeadlineExceeded,
-    FakeBackend,
     InvalidRequest,
     Overloaded,
     RequestFailed,
-    SamplingParams,
 )
+from batcher.backend import SamplingParams
+from batcher.testing import FakeBackend
 
 FAST = BatchConfig(batch_window_s=0.0)
 
