@@ -1,28 +1,32 @@
 """llm-batcher: asyncio batching middleware for LLM request streams.
 
-Layout (dependencies point down; ``batcher`` never imports torch or ``batcher.adapters``):
-    _batcher    Batcher: the facade; admission, tokenization on the host thread, shutdown
-    _stream     TokenStream: what ``Batcher.stream`` returns
-    _engine     one engine per device: continuous batching, or one-shot batches
-    _scheduler  the pure scheduling policy (slots, token budget, priorities with aging, deadlines)
-    _request    one request's state, deadline and bounded mailbox
-    _worker     the dedicated thread a device runs on
-    _backend    the backend protocol (start / prepare / step / close) and its value types
-    _fake       FakeBackend, a deterministic timed backend for tests and benchmarks
-    _text       StopMatcher: stop strings that never leak into a stream
-    _stats      cheap statistics; _metrics exports them to Prometheus at scrape time
+Public: this module (what users call and catch), :mod:`batcher.backend` (what a model backend
+implements) and :mod:`batcher.testing` (test doubles). docs/architecture.md follows one streamed
+request through the private modules.
+
+Layout (a module imports only modules below it; ``batcher`` never imports torch or
+``batcher.adapters``):
+    _batcher      Batcher, the facade: picks the service, owns the engines' lifetime, reports stats
+    _generation   stream() and generate(): validate, admit, hand the request to an engine
+    _oneshot      infer(): OneShotBatcher and its engine, for batch functions list[In] -> list[Out]
+    _stream       TokenStream: the chunks of one request (generate() drains one)
+    _continuous   GenerationEngine: one device's prepare task (host thread) and step loop
+    _pipeline     one engine's requests by stage: admit → prepare → queue → run → end
+    _request      GenRequest: one request's stage, deadline and bounded mailbox
+    _admission    the gate both kinds of request pass: open, max_queue, retry-after, least loaded
+    _options      validation of a generation call's prompt and options
+    _engine       what every engine has: device thread, loop task, wake-ups, idle, statistics
+    _scheduler    the pure scheduling policy (slots, token budget, priorities with aging, deadlines)
+    _metrics      Prometheus export at scrape time, from Batcher.engine_stats()
+    _stats        cheap counters and histograms; the BatcherStats snapshot
+    _worker       the dedicated thread a device (or the prepare stage) runs on
+    _wakeup       how one loop task waits for another: never a poll
+    _fake         FakeBackend, a deterministic timed backend for tests and benchmarks
+    _backend      the backend protocol (start / prepare / step / close) and its value types
+    _text         StopMatcher: stop strings that never leak into a stream
     _config, _types, _errors   configuration, value types, the exception tree
 """
 
-from ._backend import (
-    BatchFunction,
-    GenerationBackend,
-    NewSequence,
-    PreparedPrompt,
-    PrepareRequest,
-    SeqOutput,
-    StepResult,
-)
 from ._batcher import Batcher
 from ._config import BatchConfig
 from ._errors import (
@@ -34,24 +38,12 @@ from ._errors import (
     PromptTooLong,
     RequestFailed,
 )
-from ._fake import FakeBackend
 from ._stats import BatcherStats
 from ._stream import TokenStream
-from ._text import StopMatcher
-from ._types import (
-    Chunk,
-    Completion,
-    FinishReason,
-    GenerationOptions,
-    Outcome,
-    Prompt,
-    SamplingParams,
-    Usage,
-)
+from ._types import Chunk, Completion, GenerationOptions, Prompt, Usage
 
 __all__ = [
     "BatchConfig",
-    "BatchFunction",
     "Batcher",
     "BatcherClosed",
     "BatcherError",
@@ -59,23 +51,12 @@ __all__ = [
     "Chunk",
     "Completion",
     "DeadlineExceeded",
-    "FakeBackend",
-    "FinishReason",
-    "GenerationBackend",
     "GenerationOptions",
     "InvalidRequest",
-    "NewSequence",
-    "Outcome",
     "Overloaded",
-    "PrepareRequest",
-    "PreparedPrompt",
     "Prompt",
     "PromptTooLong",
     "RequestFailed",
-    "SamplingParams",
-    "SeqOutput",
-    "StepResult",
-    "StopMatcher",
     "TokenStream",
     "Usage",
 ]

@@ -1,41 +1,13 @@
-"""What a model backend implements: four verbs for generation, or one function for one-shot batches.
-
-Generation (continuous batching)
---------------------------------
-A :class:`GenerationBackend` keeps its own per-sequence state (the KV cache) and is driven by the
-engine one *iteration* at a time. Which thread calls what, and when:
-
-``start()``
-    once, on the engine's dedicated device thread, before anything else (load weights, warm up).
-``prepare(requests)``
-    on the batcher's host thread (not the device thread, never the event loop), for a batch of
-    newly admitted requests at once: tokenize, apply the chat template, check the context limit.
-    Returns one :class:`PreparedPrompt` or one :class:`~batcher.InvalidRequest` per request, in order.
-    It runs while the device computes, so tokenization never delays a decode step.
-``step(admit, drop)``
-    on the device thread, once per iteration: free the state of the ``drop`` sequences (cancelled
-    or expired; ids the backend does not know are ignored), prefill the ``admit`` sequences and
-    merge them into the running batch, then decode one token for every running sequence. Returns
-    a :class:`StepResult` with a :class:`SeqOutput` for every sequence that produced something. A
-    sequence the backend finishes (EOS, stop string, ``max_tokens``) is freed by the backend itself
-    and reported once with its ``finish_reason``. A sequence the backend can blame for an error goes
-    in ``failed`` (and is freed); an exception raised from ``step`` fails every sequence of that step,
-    and the engine drops them all at the next call.
-``close()``
-    once, on the device thread, after the last step: free everything.
-
-One-shot batches
-----------------
-A :data:`BatchFunction` is any callable ``list[In] -> list[Out]`` (embeddings, classifiers): the job
-of Ray Serve's ``@serve.batch``. It runs on the device thread with up to ``max_batch_size`` items.
-An output item that is an ``Exception`` instance fails only that item's caller.
+"""What a model backend implements (public as :mod:`batcher.backend`): the four verbs of a
+:class:`GenerationBackend`, or one :data:`BatchFunction` for one-shot batches; and the values they
+exchange with the engine.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Literal, Protocol, TypeVar, runtime_checkable
 
 from ._errors import InvalidRequest
 from ._types import FinishReason, Prompt, SamplingParams, slot_setters
@@ -48,11 +20,16 @@ __all__ = [
     "PreparedPrompt",
     "SeqOutput",
     "StepResult",
+    "backend_kind",
 ]
 
-#: A one-shot batch function: called on the device thread with a list of items, returns a list of
-#: the same length (an ``Exception`` instance in the output fails just that item).
-BatchFunction = Callable[[list[Any]], Sequence[Any]]
+In = TypeVar("In")
+Out = TypeVar("Out")
+
+#: A one-shot batch function ``list[In] -> list[Out]`` (embeddings, classifiers: the job of Ray
+#: Serve's ``@serve.batch``): called on the device thread with up to ``max_batch_size`` items, it
+#: returns one output per item, in order; an ``Exception`` instance as an output fails just that item.
+BatchFunction = Callable[[list[In]], Sequence[Out]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +101,30 @@ class StepResult:
 
 @runtime_checkable
 class GenerationBackend(Protocol):
-    """A model that generates token by token for a changing batch of sequences (see module doc)."""
+    """A model that generates token by token for a changing batch of sequences.
+
+    It keeps its own per-sequence state (the KV cache) and is driven by its engine one *iteration*
+    at a time. Which thread calls what, and when:
+
+    ``start()``
+        once, on the engine's dedicated device thread, before anything else (load weights, warm up).
+    ``prepare(requests)``
+        on the engine's host thread (not the device thread, never the event loop), for a batch of
+        newly admitted requests at once: tokenize, apply the chat template, check the context
+        limit. Returns one :class:`PreparedPrompt` or one :class:`~batcher.InvalidRequest` per
+        request, in order. It runs while the device computes, so tokenization never delays a step.
+    ``step(admit, drop)``
+        on the device thread, once per iteration: free the state of the ``drop`` sequences
+        (cancelled or expired; ids the backend does not know are ignored), prefill the ``admit``
+        sequences and merge them into the running batch, then decode one token for every running
+        sequence. Returns a :class:`StepResult` with a :class:`SeqOutput` for every sequence that
+        produced something. A sequence the backend finishes (EOS, stop string, ``max_tokens``) is
+        freed by the backend itself and reported once with its ``finish_reason``. A sequence the
+        backend can blame for an error goes in ``failed`` (and is freed); an exception raised from
+        ``step`` fails every sequence of that step, and the engine drops them all at the next call.
+    ``close()``
+        once, on the device thread, after the last step: free everything.
+    """
 
     #: The model's name: the ``model`` label of every metric, and the name the server reports.
     model_name: str
@@ -142,3 +142,23 @@ class GenerationBackend(Protocol):
 
     def close(self) -> None:
         """Device thread, once, after the last step: free all state."""
+
+
+def backend_kind(backends: Sequence[object]) -> Literal["generation", "one-shot"]:
+    """Which kind all of ``backends`` are: generation backends (they have ``step``) or batch
+    functions (callables). Raises :class:`InvalidRequest` for none, a mix, or anything else."""
+    if not backends:
+        raise InvalidRequest("Batcher needs at least one backend", field="backend")
+    generative = [hasattr(b, "step") for b in backends]
+    if all(generative):
+        return "generation"
+    if any(generative):
+        raise InvalidRequest(
+            "mix of generation backends and batch functions: use one kind per Batcher", field="backend"
+        )
+    if not all(callable(b) for b in backends):
+        raise InvalidRequest(
+            "backend must be a GenerationBackend (with start/prepare/step/close) or a callable list -> list",
+            field="backend",
+        )
+    return "one-shot"

@@ -77,3 +77,10 @@ class RequestFailed(BatcherError):
 
     Other requests are not affected: the engine goes on serving.
     """
+
+
+def failed(message: str, cause: BaseException) -> RequestFailed:
+    """The error of a request the backend failed: ``message``, caused by ``cause``."""
+    err = RequestFailed(f"{message}: {cause!r}")
+    err.__cause__ = cause
+    return err

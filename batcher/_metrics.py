@@ -13,20 +13,38 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
 
-from ._stats import EngineStats, Histogram
+from ._config import BatchConfig
+from ._stats import EngineReport, Histogram
 from ._types import OUTCOMES
 
-if TYPE_CHECKING:
-    from ._batcher import Batcher
+__all__ = ["Source", "attach", "detach"]
 
-__all__ = ["attach", "detach"]
+
+class Source(Protocol):
+    """What the collector reads of a batcher: public attributes only."""
+
+    @property
+    def model_name(self) -> str: ...
+    @property
+    def config(self) -> BatchConfig: ...
+    def engine_stats(self) -> Sequence[EngineReport]: ...
+
 
 _collectors: weakref.WeakKeyDictionary[Any, _Collector] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 
+_LABELS = ["model", "engine"]
+#: One exported engine: the batcher's model name and config, and the engine's report.
+_Row = tuple[str, BatchConfig, EngineReport]
+_GAUGES: tuple[tuple[str, str, Callable[[EngineReport, BatchConfig], float]], ...] = (
+    ("batcher_queue_depth", "Requests admitted and waiting to run.", lambda e, c: e.queue_depth),
+    ("batcher_running_requests", "Requests in the running batch.", lambda e, c: e.running),
+    ("batcher_max_queue", "Configured max_queue (per batcher).", lambda e, c: c.max_queue),
+    ("batcher_max_batch_size", "Configured max_batch_size.", lambda e, c: c.max_batch_size),
+)
 _HISTOGRAMS = (
     ("batcher_batch_size", "batch_size", "Sequences (or one-shot items) per step."),
     ("batcher_batch_tokens", "batch_tokens", "Token positions computed per step, padding included."),
@@ -45,7 +63,7 @@ _COUNTERS = (
 )
 
 
-def attach(registry: Any, batcher: Batcher) -> None:
+def attach(registry: Any, batcher: Source) -> None:
     """Export ``batcher``'s statistics on ``registry`` (a prometheus_client CollectorRegistry)."""
     with _lock:
         collector = _collectors.get(registry)
@@ -55,7 +73,7 @@ def attach(registry: Any, batcher: Batcher) -> None:
         collector.batchers.add(batcher)
 
 
-def detach(registry: Any, batcher: Batcher) -> None:
+def detach(registry: Any, batcher: Source) -> None:
     with _lock:
         collector = _collectors.get(registry)
         if collector is not None:
@@ -64,7 +82,7 @@ def detach(registry: Any, batcher: Batcher) -> None:
 
 class _Collector:
     def __init__(self) -> None:
-        self.batchers: weakref.WeakSet[Batcher] = weakref.WeakSet()
+        self.batchers: weakref.WeakSet[Source] = weakref.WeakSet()
 
     def describe(self) -> list[Any]:
         return list(self._families([]))
@@ -72,46 +90,34 @@ class _Collector:
     def collect(self) -> Iterator[Any]:
         with _lock:
             batchers = list(self.batchers)
-        rows = [(b.model_name, e.name, e, b) for b in batchers for e in b._engines]
-        yield from self._families(rows)
+        yield from self._families([(b.model_name, b.config, e) for b in batchers for e in b.engine_stats()])
 
-    def _families(self, rows: list[tuple[str, str, Any, Batcher]]) -> Iterator[Any]:
-        from prometheus_client.core import (
-            CounterMetricFamily,
-            GaugeMetricFamily,
-            HistogramMetricFamily,
-        )
+    @staticmethod
+    def _families(rows: list[_Row]) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-        labels = ["model", "engine"]
-        gauges: dict[str, tuple[str, Callable[[Any, Batcher], float]]] = {
-            "batcher_queue_depth": ("Requests admitted and waiting to run.", lambda e, b: e.queue_depth),
-            "batcher_running_requests": ("Requests in the running batch.", lambda e, b: e.running),
-            "batcher_max_queue": ("Configured max_queue (per batcher).", lambda e, b: b.config.max_queue),
-            "batcher_max_batch_size": ("Configured max_batch_size.", lambda e, b: b.config.max_batch_size),
-        }
-        for name, (doc, get) in gauges.items():
-            g = GaugeMetricFamily(name, doc, labels=labels)
-            for model, engine, e, b in rows:
-                g.add_metric([model, engine], float(get(e, b)))
+        for name, doc, get in _GAUGES:
+            g = GaugeMetricFamily(name, doc, labels=_LABELS)
+            for model, config, e in rows:
+                g.add_metric([model, e.name], float(get(e, config)))
             yield g
         requests = CounterMetricFamily(
-            "batcher_requests", "Requests by how they ended.", labels=[*labels, "outcome"]
+            "batcher_requests", "Requests by how they ended.", labels=[*_LABELS, "outcome"]
         )
-        for model, engine, e, _ in rows:
-            stats: EngineStats = e.stats
+        for model, _, e in rows:
             for outcome in OUTCOMES:
-                requests.add_metric([model, engine, outcome], stats.outcomes[outcome])
+                requests.add_metric([model, e.name, outcome], e.stats.outcomes[outcome])
         yield requests
         for name, attr, doc in _COUNTERS:
-            c = CounterMetricFamily(name, doc, labels=labels)
-            for model, engine, e, _ in rows:
-                c.add_metric([model, engine], float(getattr(e.stats, attr)))
+            c = CounterMetricFamily(name, doc, labels=_LABELS)
+            for model, _, e in rows:
+                c.add_metric([model, e.name], float(getattr(e.stats, attr)))
             yield c
         for name, attr, doc in _HISTOGRAMS:
-            h = HistogramMetricFamily(name, doc, labels=labels)
-            for model, engine, e, _ in rows:
+            h = HistogramMetricFamily(name, doc, labels=_LABELS)
+            for model, _, e in rows:
                 hist: Histogram = getattr(e.stats, attr)
-                h.add_metric([model, engine], _buckets(hist), hist.sum)
+                h.add_metric([model, e.name], _buckets(hist), hist.sum)
             yield h
 
 

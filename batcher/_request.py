@@ -1,7 +1,8 @@
-"""One generation request's life on the event loop: its state, its deadline, and its mailbox.
+"""One generation request on the event loop: its stage, its deadline and its mailbox.
 
-Every request ends exactly once (:meth:`GenRequest.finish` is the only way out, and it is
-idempotent): finished, cancelled, deadline, failed, rejected or shutdown. The mailbox merges the
+A request moves PREPARING → WAITING → RUNNING → DONE. Its engine's
+:class:`~batcher._pipeline.Pipeline` makes every move but the last; :meth:`GenRequest.finish` is the
+only way to DONE, runs once, and calls the pipeline back once (``on_end``). The mailbox merges the
 deltas a slow consumer has not taken yet into one chunk, so it never holds more than one pending
 chunk's worth of objects.
 """
@@ -9,26 +10,29 @@ chunk's worth of objects.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from enum import IntEnum
 
 from ._errors import DeadlineExceeded
 from ._types import Chunk, FinishReason, Outcome, Prompt, SamplingParams, Usage
+from ._wakeup import release
 
-if TYPE_CHECKING:
-    from ._engine import GenerationEngine
-
-__all__ = ["GenRequest", "release"]
+__all__ = ["DONE", "PREPARING", "RUNNING", "WAITING", "GenRequest", "OnEnd", "Stage"]
 
 
-def release(waiter: asyncio.Future[None] | None) -> None:
-    """Wake whoever awaits ``waiter``, if it is still pending: how every loop-side wait ends."""
-    if waiter is not None and not waiter.done():
-        waiter.set_result(None)
+class Stage(IntEnum):
+    """Where a request is in its engine (see docs/architecture.md for the drawing)."""
+
+    PREPARING = 0  # admitted; its prompt is being tokenized on the host thread
+    WAITING = 1  # tokenized; in the engine's queue
+    RUNNING = 2  # in the running batch: the backend holds its state
+    DONE = 3  # ended, with exactly one outcome
 
 
-# Where a request is. PREPARING: admitted, being tokenized. WAITING: in an engine's queue.
-PREPARING, WAITING, RUNNING, DONE = 0, 1, 2, 3
+PREPARING, WAITING, RUNNING, DONE = Stage
+
+#: Called once when a request ends, with the stage it was in and its age: the owner's one hook.
+OnEnd = Callable[["GenRequest", Stage, float], None]
 
 
 class GenRequest:
@@ -39,14 +43,14 @@ class GenRequest:
         "_finish_reason",
         "_ids",
         "_loop",
-        "_on_prepared",
+        "_on_end",
+        "_prepared_waiter",
         "_texts",
         "_timer",
         "_waiter",
         "arrival",
         "cost",
         "deadline",
-        "engine",
         "first_token_at",
         "last_token_at",
         "outcome",
@@ -56,7 +60,7 @@ class GenRequest:
         "prompt",
         "prompt_ids",
         "seq_id",
-        "state",
+        "stage",
     )
 
     def __init__(
@@ -68,19 +72,19 @@ class GenRequest:
         *,
         priority: int,
         deadline_s: float | None,
-        engine: GenerationEngine,
+        on_end: OnEnd,
     ) -> None:
         self._loop = loop
+        self._on_end = on_end
         self.seq_id = seq_id
         self.prompt = prompt
         self.params = params
         self.priority = priority
         self.arrival = loop.time()
         self.deadline = None if deadline_s is None else self.arrival + deadline_s
-        self.engine = engine
-        self.state = PREPARING
+        self.stage = PREPARING
         self.prompt_ids: tuple[int, ...] = ()
-        self.cost = 0
+        self.cost = 0  # KV tokens reserved while running: prompt + max_tokens
         self.produced = 0
         self.first_token_at: float | None = None
         self.last_token_at = 0.0
@@ -90,18 +94,19 @@ class GenRequest:
         self._ids: list[int] = []
         self._finish_reason: FinishReason | None = None
         self._error: BaseException | None = None
-        self._waiter: asyncio.Future[None] | None = None
-        self._on_prepared: asyncio.Future[None] | None = None
+        self._waiter: asyncio.Future[None] | None = None  # the consumer waits for data
+        self._prepared_waiter: asyncio.Future[None] | None = None  # ...or to be queued
 
     @property
     def done(self) -> bool:
-        return self.state == DONE
+        return self.stage == DONE
 
-    # -- the engine's side ------------------------------------------------------------------
+    # -- the pipeline's side ----------------------------------------------------------------
     def prepared(self, ids: tuple[int, ...]) -> None:
+        """The prompt is tokenized: set its ids and cost, and wake a consumer waiting for it."""
         self.prompt_ids = ids
         self.cost = len(ids) + self.params.max_tokens
-        release(self._on_prepared)  # the engine's enqueue() moves it to WAITING
+        release(self._prepared_waiter)
 
     def push(self, ids: Sequence[int], text: str) -> None:
         """Deliver new tokens (merged with any the consumer has not taken yet)."""
@@ -115,17 +120,17 @@ class GenRequest:
         self, outcome: Outcome, *, reason: FinishReason | None = None, error: BaseException | None = None
     ) -> None:
         """End the request, once; later calls do nothing."""
-        if self.state == DONE:
+        was = self.stage
+        if was == DONE:
             return
-        was = self.state
-        self.state = DONE
+        self.stage = DONE
         self.outcome = outcome
         self._finish_reason = reason
         self._error = error
         if self._timer is not None:
             self._timer.cancel()
-        self.engine.on_request_end(self, was, self._loop.time() - self.arrival)
-        release(self._on_prepared)
+        self._on_end(self, was, self._loop.time() - self.arrival)
+        release(self._prepared_waiter)
         self._wake()
 
     def cancel(self) -> None:
@@ -134,7 +139,7 @@ class GenRequest:
     def expire(self) -> None:
         self._timer = None
         budget = (self.deadline or self.arrival) - self.arrival
-        where = "in the queue" if self.state != RUNNING else f"after {self.produced} tokens"
+        where = "in the queue" if self.stage != RUNNING else f"after {self.produced} tokens"
         self.finish(
             "deadline",
             error=DeadlineExceeded(
@@ -150,23 +155,17 @@ class GenRequest:
     # -- the consumer's side ----------------------------------------------------------------
     async def wait_prepared(self) -> None:
         """Return once tokenized and queued; raise the error if it was refused or ended."""
-        if self.state == PREPARING:
-            self._on_prepared = self._loop.create_future()
-            await self._on_prepared
-        if self.state == DONE and self._error is not None and not self._ids:
+        if self.stage == PREPARING:
+            self._prepared_waiter = self._loop.create_future()
+            await self._prepared_waiter
+        if self.stage == DONE and self._error is not None and not self._ids:
             raise self._error
 
-    async def next_chunk(self) -> Chunk | None:
-        """The next chunk (merging everything pending), or None after the final one."""
-        while (chunk := self.take_chunk()) is None and self.state != DONE:
-            await self.wait_for_data()
-        return chunk
-
-    async def wait_for_data(self) -> None:
-        """Wait until tokens arrive or the request ends (the stream calls this only when
-        :meth:`take_chunk` found nothing, so a lagging consumer never waits)."""
-        self._waiter = self._loop.create_future()
-        await self._waiter
+    def wait(self) -> asyncio.Future[None]:
+        """A future resolved when tokens arrive or the request ends (the stream awaits it only
+        when :meth:`take_chunk` found nothing, so a lagging consumer never waits)."""
+        waiter = self._waiter = self._loop.create_future()
+        return waiter
 
     def take_chunk(self) -> Chunk | None:
         """Everything pending, merged into one chunk (the final one carries the finish reason and
@@ -176,11 +175,11 @@ class GenRequest:
             ids, self._ids = tuple(self._ids), []
             text = "".join(self._texts)
             self._texts = []
-            if self.state == DONE and self._finish_reason is not None:
+            if self.stage == DONE and self._finish_reason is not None:
                 reason, self._finish_reason = self._finish_reason, None
                 return Chunk(text, ids, reason, self.usage)
             return Chunk(text, ids)
-        if self.state != DONE:
+        if self.stage != DONE:
             return None
         if self._error is not None:
             error, self._error = self._error, None

@@ -1,8 +1,8 @@
 """Plain, cheap statistics kept by the engines on the event loop thread.
 
 The hot paths (one observation per token) update Python ints and bucket lists; nothing is
-exported until somebody asks: :mod:`batcher._metrics` turns these into Prometheus families at
-scrape time, and :meth:`Batcher.stats` into a snapshot.
+exported until somebody asks: :mod:`batcher._metrics` turns an engine's :class:`EngineReport` into
+Prometheus families at scrape time, and :func:`merge` makes the :class:`BatcherStats` snapshot.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from ._types import OUTCOMES, Outcome
 
-__all__ = ["BatcherStats", "EngineStats", "Histogram"]
+__all__ = ["BatcherStats", "DrainRate", "EngineReport", "EngineStats", "Histogram", "merge"]
 
 LATENCY_BUCKETS = (
     0.001,
@@ -97,6 +97,38 @@ class EngineStats:
     busy_seconds: float = 0.0
     steps: int = 0
 
+    def count(self, outcome: Outcome, duration: float | None = None) -> None:
+        """One request ended (or was refused) with ``outcome``, ``duration`` after admission."""
+        self.outcomes[outcome] += 1
+        if duration is not None:
+            self.duration.observe(duration)
+
+    def observe_step(
+        self, busy: float, batch: int, computed_tokens: int | None = None, padding_tokens: int = 0
+    ) -> None:
+        """One step of ``batch`` rows took ``busy`` seconds on the device; ``computed_tokens`` is
+        None for a one-shot batch (no tokens), else the token positions it computed."""
+        self.steps += 1
+        self.busy_seconds += busy
+        self.step_duration.observe(busy)
+        if batch:
+            self.batch_size.observe(batch)
+        if computed_tokens is not None:
+            self.batch_tokens.observe(computed_tokens or batch)
+            self.computed_tokens += computed_tokens
+            self.padding_tokens += padding_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class EngineReport:
+    """One engine as :meth:`Batcher.engine_stats` reports it: its name (the ``engine`` metric
+    label), its queue and running batch now, and its statistics (live: read, never write)."""
+
+    name: str
+    queue_depth: int
+    running: int
+    stats: EngineStats
+
 
 class DrainRate:
     """Requests leaving the queue per second over a sliding window: the base of ``retry_after``."""
@@ -140,3 +172,26 @@ class BatcherStats:
     mean_batch_size: float
     ttft_p50: float
     ttft_p99: float
+
+
+def merge(reports: Sequence[EngineReport]) -> BatcherStats:
+    """Sum the engines' statistics into one snapshot (quantiles from the summed histograms)."""
+    every = [r.stats for r in reports]
+    first = every[0]
+    ttft, batch = Histogram(first.ttft.bounds), Histogram(first.batch_size.bounds)
+    for s in every:
+        ttft.counts = [a + b for a, b in zip(ttft.counts, s.ttft.counts, strict=True)]
+        batch.counts = [a + b for a, b in zip(batch.counts, s.batch_size.counts, strict=True)]
+        batch.sum += s.batch_size.sum
+    return BatcherStats(
+        queue_depth=sum(r.queue_depth for r in reports),
+        running=sum(r.running for r in reports),
+        outcomes={k: sum(s.outcomes[k] for s in every) for k in first.outcomes},
+        generated_tokens=sum(s.generated_tokens for s in every),
+        prompt_tokens=sum(s.prompt_tokens for s in every),
+        steps=sum(s.steps for s in every),
+        busy_seconds=sum(s.busy_seconds for s in every),
+        mean_batch_size=batch.sum / batch.count if batch.count else 0.0,
+        ttft_p50=ttft.quantile(0.5),
+        ttft_p99=ttft.quantile(0.99),
+    )

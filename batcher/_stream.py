@@ -5,6 +5,7 @@ errors arrive before the first token is awaited) or on the first iteration. Iter
 async generator, so a consumer that ``break``s, is cancelled, or closes the stream runs its
 ``finally`` and cancels the request; ``async with`` makes that deterministic. Nothing is cleaned up
 in ``__del__``: an abandoned stream is closed by the event loop's async-generator finalizer.
+:func:`completion` (what ``Batcher.generate`` returns) drains a stream: there is one consuming loop.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from types import TracebackType
 
+from ._errors import BatcherError
 from ._request import GenRequest
-from ._types import Chunk, Outcome
+from ._types import Chunk, Completion, Outcome
 
-__all__ = ["TokenStream"]
+__all__ = ["TokenStream", "completion"]
 
 
 class TokenStream(AsyncIterator[Chunk]):
@@ -80,9 +82,28 @@ class TokenStream(AsyncIterator[Chunk]):
                 chunk = req.take_chunk()  # everything pending, merged; raises the request's error
                 if chunk is not None:
                     yield chunk
+                    if chunk.finish_reason is not None:
+                        return  # the final chunk
                 elif req.done:
                     return
                 else:
-                    await req.wait_for_data()
+                    await req.wait()
         finally:
             req.cancel()  # no-op once it ended
+
+
+async def completion(stream: TokenStream) -> Completion:
+    """Drain ``stream`` into one :class:`Completion` (closing it if draining stops early)."""
+    texts: list[str] = []
+    ids: list[int] = []
+    last: Chunk | None = None
+    try:
+        async for last in stream:
+            texts.append(last.text)
+            ids.extend(last.token_ids)
+    except BaseException:
+        await stream.aclose()
+        raise
+    if last is None or last.finish_reason is None or last.usage is None:
+        raise BatcherError("the request ended without a finish reason")  # unreachable by design
+    return Completion("".join(texts), tuple(ids), last.finish_reason, last.usage)

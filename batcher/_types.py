@@ -62,10 +62,6 @@ class GenerationOptions(TypedDict, total=False):
     priority: int
 
 
-SAMPLING_FIELDS = frozenset({"max_tokens", "temperature", "top_p", "top_k", "seed", "stop"})
-OPTION_FIELDS = SAMPLING_FIELDS | {"deadline_s", "priority"}
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SamplingParams:
     """How one sequence is generated. Validated on construction; the backend honours every field.
@@ -113,48 +109,6 @@ def _check_float(name: str, value: object, *, low: float, high: float, low_open:
     if not math.isfinite(value) or bad_low or value > high:
         bracket = "(" if low_open else "["
         raise InvalidRequest(f"{name} must be in {bracket}{low}, {high}], got {value}", field=name)
-
-
-def _check_text(name: str, text: str) -> None:
-    """Refuse text that is not valid Unicode (a lone surrogate, from JSON's "\\ud800"): no
-    tokenizer can encode it."""
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise InvalidRequest(
-                f"{name} is not valid Unicode (character {e.start}: {text[e.start]!r}, a lone "
-                "surrogate): send UTF-8 text",
-                field=name.split(".")[0].split("[")[0],
-            ) from None
-
-
-def check_prompt(prompt: object) -> Prompt:
-    """Validate the shape of a prompt (text or chat messages); return it unchanged."""
-    if isinstance(prompt, str):
-        if not prompt:
-            raise InvalidRequest("prompt is empty: send at least one character", field="prompt")
-        _check_text("prompt", prompt)
-        return prompt
-    if isinstance(prompt, Sequence) and not isinstance(prompt, (bytes, bytearray)):
-        if not prompt:
-            raise InvalidRequest("messages is empty: send at least one message", field="messages")
-        for i, m in enumerate(prompt):
-            if (
-                not isinstance(m, Mapping)
-                or not isinstance(m.get("role"), str)
-                or not isinstance(m.get("content"), str)
-            ):
-                raise InvalidRequest(
-                    f"messages[{i}] must be a mapping with string 'role' and 'content', got {m!r}",
-                    field="messages",
-                )
-            _check_text(f"messages[{i}].content", m["content"])
-        return prompt
-    raise InvalidRequest(
-        f"prompt must be a string or a list of chat messages, got {type(prompt).__name__}",
-        field="prompt",
-    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,17 +23,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from batcher import (
-    BatchConfig,
-    Batcher,
-    FakeBackend,
-    InvalidRequest,
-    NewSequence,
-    PreparedPrompt,
-    PrepareRequest,
-    SeqOutput,
-    StepResult,
-)
+from batcher import BatchConfig, Batcher, InvalidRequest
+from batcher.backend import NewSequence, PreparedPrompt, PrepareRequest, SeqOutput, StepResult
+from batcher.testing import FakeBackend
 
 CALLERS = 32
 

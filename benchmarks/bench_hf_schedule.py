@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from batcher.adapters.hf._backend import HFBackend
 from bench_hf import workload
 
-from batcher import NewSequence, SamplingParams
+from batcher.backend import NewSequence, SamplingParams
 
 
 def main() -> None:

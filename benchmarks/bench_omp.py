@@ -39,7 +39,7 @@ def child(steps: int) -> None:
     """Time decode steps of the embedded model: one row, then 32 rows."""
     from batcher.adapters import HFBackend
 
-    from batcher import NewSequence, SamplingParams
+    from batcher.backend import NewSequence, SamplingParams
 
     backend = HFBackend(dtype="float32")
     backend.start()

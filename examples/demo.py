@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from batcher import BatchConfig, Batcher, FakeBackend, GenerationBackend
+from batcher import BatchConfig, Batcher
+from batcher.backend import GenerationBackend
+from batcher.testing import FakeBackend
 
 QUESTIONS = [
     "Explain why the sky is blue in three sentences.",

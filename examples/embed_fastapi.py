@@ -26,10 +26,10 @@ from batcher import BatchConfig, Batcher, BatcherError, InvalidRequest, Overload
 
 def _backend() -> object:
     if os.environ.get("LLM_BATCHER_MODEL") == "fake":
-        from batcher import FakeBackend
+        from batcher.testing import FakeBackend
 
         return FakeBackend(step_time_s=0.02)
-    from batcher.adapters.hf._backend import HFBackend
+    from batcher.adapters import HFBackend
 
     return HFBackend()
 

@@ -78,16 +78,8 @@ from typing import Any
 
 import torch
 
-from batcher import (
-    InvalidRequest,
-    NewSequence,
-    PreparedPrompt,
-    PrepareRequest,
-    Prompt,
-    PromptTooLong,
-    SamplingParams,
-    StepResult,
-)
+from batcher import InvalidRequest, Prompt, PromptTooLong
+from batcher.backend import NewSequence, PreparedPrompt, PrepareRequest, SamplingParams, StepResult
 
 from ._attention import ATTENTION, NewRow, StepPlan, prefix_mask
 from ._cache import KVSlab, SlabCache

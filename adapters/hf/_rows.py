@@ -2,7 +2,7 @@
 
 A row's keys/values live in the KV slab (``_cache``); this is the rest: sampling parameters and
 generator, incremental detokenizer, stop-string matcher, position, token count. :meth:`Row.advance`
-turns one token into a :class:`~batcher.SeqOutput`: EOS ends with ``"stop"`` (its text is not
+turns one token into a :class:`~batcher.backend.SeqOutput`: EOS ends with ``"stop"`` (its text is not
 shown), a stop string ends with ``"stop"`` before the stop string, ``max_tokens`` (or the context
 end) with ``"length"``; text still held back (an incomplete character, a possible stop-string
 prefix) is released when the sequence ends.
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from batcher import FinishReason, SamplingParams, SeqOutput, StopMatcher
+from batcher.backend import FinishReason, SamplingParams, SeqOutput, StopMatcher
 
 from ._detok import Detokenizer
 from ._sampling import RowSampler

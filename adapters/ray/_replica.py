@@ -27,7 +27,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.types import ASGIApp, Message
 
-from batcher import FakeBackend
+from batcher.testing import FakeBackend
 
 from ..server import ServerSettings, create_app
 from ._autoscale import WORK_METRIC

@@ -41,14 +41,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
 
-from batcher import (
-    BatchConfig,
-    Batcher,
-    BatcherClosed,
-    BatcherError,
-    FakeBackend,
-)
-from batcher import __version__ as __version__
+from batcher import BatchConfig, Batcher, BatcherClosed, BatcherError, __version__
+from batcher.testing import FakeBackend
 
 from ._asgi import (
     DOCS_PATHS,
@@ -77,7 +71,7 @@ FORCED_GRACE_S = 1.0
 class ServerSettings:
     """Everything ``llm-batcher serve`` can be told (flags and ``LLM_BATCHER_*``, see ``_cli``).
 
-    ``model``: ``None`` for the embedded SmolLM2, ``"fake"`` for :class:`batcher.FakeBackend` with
+    ``model``: ``None`` for the embedded SmolLM2, ``"fake"`` for :class:`batcher.testing.FakeBackend` with
     a realistic step time (``fake_step_s + fake_step_per_seq_s * batch``), else a model path or
     Hugging Face id for ``HFBackend``. ``served_model_names``: the id clients send (the first is
     canonical, the rest aliases; default: the model's own name). ``api_keys``: who may call

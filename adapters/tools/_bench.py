@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from batcher import BatchConfig, Batcher, GenerationBackend, InvalidRequest, Prompt
+from batcher import BatchConfig, Batcher, InvalidRequest, Prompt
+from batcher.backend import GenerationBackend
 
 from . import _plot
 from ._analysis import (

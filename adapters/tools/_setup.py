@@ -10,7 +10,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from batcher import FakeBackend, InvalidRequest, Prompt
+from batcher import InvalidRequest, Prompt
+from batcher.testing import FakeBackend
 
 __all__ = [
     "BENCH_PROMPTS",

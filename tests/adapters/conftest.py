@@ -17,7 +17,7 @@ pytest.importorskip("transformers")
 from batcher.adapters.hf._backend import HFBackend  # noqa: E402
 from batcher.adapters.hf._load import embedded_model_dir  # noqa: E402
 
-from batcher import NewSequence, SamplingParams, StepResult  # noqa: E402
+from batcher.backend import NewSequence, SamplingParams, StepResult  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,8 @@ import pytest
 import torch
 from batcher.adapters.hf._backend import HFBackend
 
-from batcher import InvalidRequest, NewSequence, SamplingParams
+from batcher import InvalidRequest
+from batcher.backend import NewSequence, SamplingParams
 
 from .conftest import check_slab, greedy, run_schedule, solo_greedy
 

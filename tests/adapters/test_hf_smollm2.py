@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from batcher.adapters.hf._backend import HFBackend
 
-from batcher import BatchConfig, Batcher, NewSequence, PreparedPrompt, PrepareRequest, SamplingParams
+from batcher import BatchConfig, Batcher
+from batcher.backend import NewSequence, PreparedPrompt, PrepareRequest, SamplingParams
 
 from .conftest import greedy, run_schedule, solo_greedy
 

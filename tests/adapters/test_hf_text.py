@@ -7,7 +7,8 @@ import pytest
 from batcher.adapters.hf._backend import HFBackend
 from batcher.adapters.hf._detok import Detokenizer
 
-from batcher import InvalidRequest, NewSequence, PreparedPrompt, PrepareRequest, PromptTooLong, SamplingParams
+from batcher import InvalidRequest, PromptTooLong
+from batcher.backend import NewSequence, PreparedPrompt, PrepareRequest, SamplingParams
 
 from .conftest import greedy, run_schedule, solo_greedy
 

@@ -14,12 +14,12 @@ from batcher import (
     BatcherClosed,
     Chunk,
     DeadlineExceeded,
-    FakeBackend,
     InvalidRequest,
     Overloaded,
     RequestFailed,
-    SamplingParams,
 )
+from batcher.backend import SamplingParams
+from batcher.testing import FakeBackend
 
 FAST = BatchConfig(batch_window_s=0.0)
 
@@ -193,6 +193,23 @@ async def test_cancel_while_preparing() -> None:
     assert fb.batch_sizes == [1]  # only "after" ever ran
 
 
+async def test_close_timeout_ends_a_request_being_tokenized() -> None:
+    """A request still on the host thread when the drain times out ends with the others: it is
+    never queued or run afterwards."""
+    fb = SlowPrepare()
+    b = Batcher(fb, FAST)
+    await b.start()
+    task = asyncio.create_task(b.generate("being tokenized", max_tokens=3))
+    await wait_until(lambda: b.stats().queue_depth == 1)
+    closing = asyncio.create_task(b.aclose(timeout=0.05))
+    with pytest.raises(BatcherClosed, match="shut down"):
+        await task
+    fb.release.set()
+    await closing
+    assert b.stats().outcomes["shutdown"] == 1 and b.stats().queue_depth == 0
+    assert fb.batch_sizes == [] and batcher_threads() == []
+
+
 async def test_deadline_in_the_queue() -> None:
     fb = fake(step_time_s=0.002)
     async with Batcher(fb, BatchConfig(max_batch_size=1, batch_window_s=0)) as b:
@@ -339,7 +356,9 @@ async def test_least_loaded_engine_gets_the_next_request() -> None:
         streams = [b.stream(f"long {i}", max_tokens=10_000) for i in range(6)]
         for s in streams:
             await s.__aenter__()
-        await wait_until(lambda: all(e.running == 3 for e in b._engines))
+        await wait_until(lambda: [e.running for e in b.engine_stats()] == [3, 3])
+        assert [e.name for e in b.engine_stats()] == ["0", "1"]
+        assert b.stats().running == 6
         for s in streams:
             await s.aclose()
     assert all(max(fb.batch_sizes) == 3 for fb in backends)
@@ -463,6 +482,31 @@ async def test_infer_cancelled_while_waiting() -> None:
         assert await b.infer(3) == 3
     assert seen == [1, 3]
     assert b.stats().outcomes["cancelled"] == 1
+
+
+async def test_close_drains_queued_and_running_one_shot_calls() -> None:
+    def slow(xs: list[int]) -> list[int]:
+        import time
+
+        time.sleep(0.02)
+        return [x + 1 for x in xs]
+
+    b = Batcher(slow, BatchConfig(max_batch_size=1, batch_window_s=0))
+    await b.start()
+    calls = [asyncio.create_task(b.infer(i)) for i in range(3)]
+    await wait_until(lambda: b.stats().running == 1 and b.stats().queue_depth == 2)
+    await b.aclose(timeout=10)
+    assert [c.result() for c in calls] == [1, 2, 3]
+    assert b.stats().outcomes["finished"] == 3 and batcher_threads() == []
+
+
+async def test_the_wrong_kind_of_call_is_refused_and_counted() -> None:
+    async with Batcher(lambda xs: xs, FAST) as one_shot, Batcher(fake(), FAST) as generation:
+        with pytest.raises(InvalidRequest, match="infer"):
+            await one_shot.generate("hi")
+        with pytest.raises(InvalidRequest, match="stream"):
+            await generation.infer(1)
+        assert one_shot.stats().outcomes["rejected"] == generation.stats().outcomes["rejected"] == 1
 
 
 async def test_higher_priority_waiting_request_runs_first() -> None:

@@ -21,12 +21,12 @@ from batcher import (
     Batcher,
     BatcherClosed,
     DeadlineExceeded,
-    FakeBackend,
     InvalidRequest,
     Overloaded,
     RequestFailed,
-    SamplingParams,
 )
+from batcher.backend import SamplingParams
+from batcher.testing import FakeBackend
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from batcher import StopMatcher
+from batcher.backend import StopMatcher
 
 
 def run(deltas: list[str], stops: list[str]) -> tuple[str, bool]:

@@ -6,7 +6,9 @@ import math
 
 import pytest
 
-from batcher import BatchConfig, Batcher, FakeBackend, InvalidRequest, SamplingParams
+from batcher import BatchConfig, Batcher, InvalidRequest
+from batcher.backend import SamplingParams
+from batcher.testing import FakeBackend
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,8 @@ import httpx
 import pytest
 from pydantic.warnings import PydanticDeprecatedSince20
 
-from batcher import FakeBackend, SamplingParams
+from batcher.backend import SamplingParams
+from batcher.testing import FakeBackend
 
 # Ray Serve 2.60's own models use a Pydantic field option deprecated in Pydantic 2: the warning
 # fires once, when ray.serve is first imported. Import it here with that warning (only) silenced;

@@ -23,7 +23,8 @@ from typing import Any
 import httpx
 import pytest
 
-from batcher import FakeBackend, SamplingParams
+from batcher.backend import SamplingParams
+from batcher.testing import FakeBackend
 
 ROOT = Path(__file__).resolve().parents[2]
 

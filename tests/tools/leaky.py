@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from batcher import FakeBackend, NewSequence, StepResult
+from batcher.backend import NewSequence, StepResult
+from batcher.testing import FakeBackend
 
 
 def swap_two_rows(result: StepResult) -> StepResult:

@@ -1,0 +1,89 @@
+"""Admission: the gate every request passes, generation or one-shot, before it reaches an engine.
+
+A request is admitted when the batcher is running and fewer than ``max_queue`` requests wait
+(summed over the engines); it goes to the least-loaded engine. A refusal raises at once, with a
+message that says what to do, and counts as that engine's ``shutdown``, ``overloaded`` or
+``rejected`` outcome. ``retry_after`` estimates from the recent drain rate when there will be room.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Generic, Literal, Protocol, TypeVar
+
+from ._config import BatchConfig
+from ._errors import BatcherClosed, Overloaded
+from ._stats import DrainRate, EngineStats
+from ._types import Outcome
+
+__all__ = ["Admission", "State"]
+
+#: A batcher's life: it admits requests only while ``running``.
+State = Literal["new", "starting", "running", "draining", "closed"]
+
+
+class _Engine(Protocol):
+    """What admission reads of an engine."""
+
+    @property
+    def queue_depth(self) -> int: ...
+    @property
+    def load(self) -> int: ...
+    @property
+    def stats(self) -> EngineStats: ...
+
+
+E = TypeVar("E", bound=_Engine)
+
+
+class Admission(Generic[E]):
+    """The gate of one batcher's engines (see module doc). The batcher moves :attr:`state`."""
+
+    def __init__(self, config: BatchConfig, engines: Sequence[E], drain: DrainRate) -> None:
+        self.state: State = "new"
+        self.config = config
+        self.engines = engines
+        self.drain = drain  # the engines record each request that leaves the queue
+
+    def admit(self) -> E:
+        """The engine a new request goes to; raises :class:`BatcherClosed` or :class:`Overloaded`."""
+        engine = self.least_loaded()
+        if self.state != "running":
+            engine.stats.count("shutdown")
+            raise BatcherClosed(self._closed_message())
+        if self.queue_depth >= self.config.max_queue:
+            engine.stats.count("overloaded")
+            retry = self.retry_after()
+            raise Overloaded(
+                f"queue is full (max_queue={self.config.max_queue}): retry in "
+                f"{retry:.2g} s, or raise max_queue",
+                retry_after=retry,
+            )
+        return engine
+
+    def refuse(self, outcome: Outcome) -> None:
+        """Count a request refused before admission (say an invalid one) on the least-loaded engine."""
+        self.least_loaded().stats.count(outcome)
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests admitted and not yet running, over all engines."""
+        engines = self.engines
+        return engines[0].queue_depth if len(engines) == 1 else sum(e.queue_depth for e in engines)
+
+    def least_loaded(self) -> E:
+        engines = self.engines
+        return engines[0] if len(engines) == 1 else min(engines, key=lambda e: e.load)
+
+    def retry_after(self) -> float:
+        """Seconds until the queue has likely drained enough to admit one more request."""
+        rate = self.drain.per_second(asyncio.get_running_loop().time())
+        if rate <= 0:
+            return 1.0
+        return min(max((self.queue_depth - self.config.max_queue + 1) / rate, 0.05), 60.0)
+
+    def _closed_message(self) -> str:
+        if self.state in ("new", "starting"):
+            return "the batcher is not started: use `async with Batcher(...)` or await start()"
+        return f"the batcher is {self.state}: send the request to another replica"

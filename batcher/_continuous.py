@@ -1,0 +1,207 @@
+"""GenerationEngine: continuous batching of one :class:`GenerationBackend` on one device.
+
+Two tasks drive the engine's :class:`~batcher._pipeline.Pipeline`. The prepare task hands the
+newly admitted prompts, as one batch, to ``backend.prepare`` on the engine's host thread. The step
+loop plans a step, runs it on the device thread and delivers its tokens; while a step runs, the
+loop keeps admitting, tokenizing and delivering, so the next plan is ready when the step returns.
+When steps are very short, a second step waits queued on the device thread (docs/architecture.md,
+"Pipelined steps").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Sequence
+
+from ._backend import GenerationBackend, NewSequence, PrepareRequest, StepResult
+from ._config import BatchConfig
+from ._engine import Engine
+from ._errors import BatcherError, failed
+from ._pipeline import Pipeline
+from ._request import GenRequest
+from ._stats import DrainRate
+from ._types import Outcome, Prompt, SamplingParams
+from ._wakeup import Wakeup
+from ._worker import WorkerThread
+
+__all__ = ["GenerationEngine"]
+
+#: Steps shorter than this are pipelined: below it the two thread wake-ups of a hand-off (tens of
+#: microseconds each on a virtual machine) are a noticeable share of a step.
+_PIPELINE_BELOW_S = 0.002
+
+#: A step sent to the device thread: its result to come, and how many sequences it runs.
+_Step = tuple["asyncio.Future[tuple[StepResult, float]]", int]
+
+
+class GenerationEngine(Engine):
+    """Continuous batching on one device (see module doc)."""
+
+    def __init__(self, index: int, backend: GenerationBackend, config: BatchConfig, drain: DrainRate) -> None:
+        super().__init__(index, config)
+        self.backend = backend
+        self.host = WorkerThread(f"batcher-host-{index}")
+        limits = [x for x in (config.max_batch_tokens, getattr(backend, "max_batch_tokens", None)) if x]
+        self.pipeline = Pipeline(
+            config, min(limits) if limits else None, self.stats, drain, wake=self._wake, idle=self._idle.set
+        )
+        self._to_prepare: list[GenRequest] = []
+        self._prepare_wakeup = Wakeup()
+        self._prepare_task: asyncio.Task[None] | None = None
+        self._last_busy = 1.0  # the last step's device time: decides pipelining
+
+    @property
+    def queue_depth(self) -> int:
+        return self.pipeline.queue_depth
+
+    @property
+    def running(self) -> int:
+        return self.pipeline.running
+
+    def admit(
+        self, seq_id: int, prompt: Prompt, params: SamplingParams, priority: int, deadline_s: float | None
+    ) -> GenRequest:
+        """A new request, PREPARING: its prompt goes to the host thread with the next batch."""
+        req = self.pipeline.admit(seq_id, prompt, params, priority, deadline_s)
+        self._to_prepare.append(req)
+        if len(self._to_prepare) == 1:
+            self._prepare_wakeup.set()
+        return req
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        await super().start()
+        self.host.start()
+        await self.worker.submit(self.backend.start)
+
+    def launch(self) -> None:
+        super().launch()
+        loop = asyncio.get_running_loop()
+        self._prepare_task = loop.create_task(self._prepare_loop(), name=f"batcher-prepare-{self.index}")
+
+    def end_all(self, outcome: Outcome, error: BaseException) -> None:
+        self.pipeline.end_all(outcome, error)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._prepare_wakeup.set()
+        if self._prepare_task is not None:
+            await self._prepare_task
+        await super().stop()
+        await self.host.stop()
+
+    async def _close_backend(self) -> None:
+        drop = self.pipeline.take_drops()
+        if drop:
+            try:
+                await self.worker.submit(self.backend.step, [], drop)
+            except Exception:  # closing anyway: close() below frees everything
+                pass
+        await self.worker.submit(self.backend.close)
+
+    # -- the prepare task (host thread) ----------------------------------------------------------
+    async def _prepare_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._to_prepare:
+                if self._stopping:
+                    return
+                await self._prepare_wakeup.wait(loop)
+                continue
+            batch, self._to_prepare = self._to_prepare, []
+            batch = [r for r in batch if not r.done]
+            if batch:
+                await self._prepare(batch)
+
+    async def _prepare(self, batch: list[GenRequest]) -> None:
+        try:
+            results = await self.host.submit(
+                self.backend.prepare, [PrepareRequest(r.prompt, r.params) for r in batch]
+            )
+            if len(results) != len(batch):
+                raise TypeError(f"prepare() returned {len(results)} results for {len(batch)} requests")
+        except Exception as e:
+            error = failed("the backend failed to prepare this request", e)
+            for r in batch:
+                r.finish("failed", error=error)
+            return
+        for r, result in zip(batch, results, strict=True):
+            self.pipeline.queue(r, result)
+
+    # -- the step loop (device thread) -----------------------------------------------------------
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        pipeline = self.pipeline
+        in_flight: deque[_Step] = deque()
+        while True:
+            if not pipeline.has_step_work:
+                if in_flight:
+                    await self._complete(in_flight.popleft())
+                elif self._stopping and not pipeline.preparing:
+                    return
+                else:
+                    await self._sleep_until_woken()
+            elif len(in_flight) >= self._max_in_flight():
+                await self._complete(in_flight.popleft())
+            elif (step := await self._next_step(len(in_flight))) is not None:
+                in_flight.append(step)
+            elif in_flight:
+                await self._complete(in_flight.popleft())
+            else:  # requests wait, none of which fits yet: sleep, never spin
+                await self._sleep_until_woken(loop.time() + self.config.batch_window_s + 0.001)
+
+    def _max_in_flight(self) -> int:
+        """Two steps on the device thread at once when steps are very short, else one."""
+        return 2 if self._last_busy < _PIPELINE_BELOW_S else 1
+
+    async def _next_step(self, in_flight: int) -> _Step | None:
+        """Plan the next step and send it to the device thread; None if it would do nothing."""
+        loop = asyncio.get_running_loop()
+        if not in_flight and self._waits_for_a_first_batch():
+            await self._sleep_until_woken(loop.time() + self.config.batch_window_s)
+        pipeline = self.pipeline
+        admit = pipeline.plan(loop.time())
+        if admit or pipeline.has_drops or pipeline.outlives(in_flight):
+            return self._submit(admit)
+        return None
+
+    def _waits_for_a_first_batch(self) -> bool:
+        """An idle engine waits up to ``batch_window_s`` for a first batch to fill; never while
+        sequences run, when a full batch waits already, or when stopping."""
+        return (
+            self.config.batch_window_s > 0
+            and not self.pipeline.running
+            and self.pipeline.waiting < self.config.max_batch_size
+            and not self._stopping
+        )
+
+    def _submit(self, admit: list[NewSequence]) -> _Step:
+        drop = self.pipeline.take_drops()
+        try:
+            result = self.worker.submit(_timed_step, self.backend, admit, drop)
+        except BatcherError as e:  # the thread is gone: _complete fails the step's sequences
+            result = asyncio.get_running_loop().create_future()
+            result.set_exception(e)
+        return result, self.pipeline.running
+
+    async def _complete(self, step: _Step) -> None:
+        """Wait for a step's result; record it and deliver its tokens (or fail its sequences)."""
+        result_future, batch = step
+        try:
+            result, busy = await result_future
+        except Exception as e:
+            self.pipeline.fail_running(e, batch)
+            return
+        self._last_busy = busy
+        self.stats.observe_step(busy, batch, result.computed_tokens, result.padding_tokens)
+        self.pipeline.deliver(result, asyncio.get_running_loop().time())
+
+
+def _timed_step(
+    backend: GenerationBackend, admit: Sequence[NewSequence], drop: Sequence[int]
+) -> tuple[StepResult, float]:
+    t0 = time.perf_counter()
+    result = backend.step(admit, drop)
+    return result, time.perf_counter() - t0

@@ -1,0 +1,32 @@
+"""For backend authors: the protocol a model backend implements, and the types it exchanges.
+
+:class:`GenerationBackend` is four verbs (``start``, ``prepare``, ``step``, ``close``; its docstring
+says which thread calls each, and when); a :data:`BatchFunction` is any callable
+``list[In] -> list[Out]``. :class:`StopMatcher` holds back text that may become a stop
+string. Errors a backend returns or raises are the public ones in :mod:`batcher`.
+"""
+
+from ._backend import (
+    BatchFunction,
+    GenerationBackend,
+    NewSequence,
+    PreparedPrompt,
+    PrepareRequest,
+    SeqOutput,
+    StepResult,
+)
+from ._text import StopMatcher
+from ._types import FinishReason, SamplingParams
+
+__all__ = [
+    "BatchFunction",
+    "FinishReason",
+    "GenerationBackend",
+    "NewSequence",
+    "PrepareRequest",
+    "PreparedPrompt",
+    "SamplingParams",
+    "SeqOutput",
+    "StepResult",
+    "StopMatcher",
+]
