@@ -89,11 +89,10 @@ from batcher import (
     StepResult,
 )
 
-from ._attention import ATTENTION, NewRow, StepPlan, prefix_mask
-from ._cache import KVSlab, SlabCache
+from ._attention import ATTENTION, StepPlan, plan_step
+from ._cache import KVSlab
 from ._cpu_linear import pack_linears
 from ._load import (
-    cache_keyword,
     check_cache_compatible,
     default_kv_gb,
     eos_ids,
@@ -170,12 +169,11 @@ class HFBackend:
         self._pad = self._eos_first()
         self.model: Any = None
         self._slab: KVSlab | None = None
-        self._cache: SlabCache | None = None
         self._rows: list[Row] = []
         self._no_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
         self._prefix: list[int] = []  # the chat-template prefix whose KV is reused
         self.packed_linears = 0
-        self._cache_kw = "cache"  # the forward keyword for the KV cache (see ``cache_keyword``)
+        self.attention_calls = 0  # in the last step's forward call (the warm-up checks it)
 
     # -- the four verbs ---------------------------------------------------------------------
     def start(self) -> None:
@@ -193,7 +191,6 @@ class HFBackend:
                 field="model",
             ) from exc
         self.model = model.to(self.device).eval()
-        self._cache_kw = cache_keyword(self.model)
         self.packed_linears = pack_linears(self.model)  # CPU: oneDNN prepacked weights
         text = self.model.config.get_text_config()
         self._slab = KVSlab(
@@ -203,7 +200,6 @@ class HFBackend:
             dtype=self.dtype,
             device=self.device,
         )
-        self._cache = SlabCache(self._slab)
         self._warm_up()
         self._build_prefix()
 
@@ -227,7 +223,6 @@ class HFBackend:
         """Device thread: free the KV slab and the weights."""
         self._reset()
         self.model = None
-        self._cache = None
         self._slab = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -324,44 +319,29 @@ class HFBackend:
         (less the reused prefix); the decode rows write column ``end``, where prompts end too."""
         slab = self._slab
         assert slab is not None
-        n, col = len(self._rows), slab.end
-        decode_mask = None
+        n = len(self._rows)
         if n:
-            slab.valid[:n, col] = True
-            decode_mask = slab.valid[:n, slab.start : col + 1].reshape(n, 1, 1, -1)
-        plan = StepPlan(n, col, slab.start, decode_mask)
-        ids, pos = plan.ids, plan.positions
-        ids += [r.last for r in self._rows]
-        pos += [r.position for r in self._rows]
-        off = n
-        for i, a in enumerate(admit):
-            length = len(a.prompt_ids)
-            skip = prefix_skip(a.prompt_ids, self._prefix)
-            q = length - skip
-            mask = prefix_mask(q, skip, self.device)
-            plan.news.append(NewRow(n + i, off, q, col + 1 - length, skip, mask))
+            slab.valid[:n, slab.end] = True
+        skips = [prefix_skip(a.prompt_ids, self._prefix) for a in admit]
+        ids = [r.last for r in self._rows]
+        pos = [r.position for r in self._rows]
+        for a, skip in zip(admit, skips, strict=True):
             ids += a.prompt_ids[skip:]
-            pos += range(skip, length)
-            off += q
-        slab.plan = plan
-        return plan
+            pos += range(skip, len(a.prompt_ids))
+        return plan_step(slab, n, [len(a.prompt_ids) for a in admit], skips, ids, pos)
 
     def _forward(self, plan: StepPlan) -> torch.Tensor:
-        """Run the packed call of ``plan`` (see ``_plan``); the logits of each row's last token."""
-        dev = self.device
-        try:
-            out = self.model(
-                input_ids=torch.tensor([plan.ids], device=dev),
-                attention_mask=self._no_mask,  # 4-D: transformers builds no mask of its own
-                position_ids=torch.tensor([plan.positions], device=dev),
-                use_cache=True,
-                **{self._cache_kw: self._cache},
-                logits_to_keep=torch.tensor(plan.last_positions(), device=dev),
-                slab_plan=plan,
-            )
-        finally:
-            assert self._slab is not None
-            self._slab.plan = None
+        """Run the packed call of ``plan`` (see ``_plan``); the logits of each row's last token.
+        The model gets no cache: the attention function writes the slab under the plan."""
+        out = self.model(
+            input_ids=plan.ids.unsqueeze(0),
+            attention_mask=self._no_mask,  # 4-D: transformers builds no mask of its own
+            position_ids=plan.positions.unsqueeze(0),
+            use_cache=False,
+            logits_to_keep=plan.keep,
+            slab_plan=plan,
+        )
+        self.attention_calls = plan.attended
         logits: torch.Tensor = out.logits[0]
         return logits
 
@@ -415,34 +395,25 @@ class HFBackend:
 
     def _warm_up(self) -> None:
         """Run a prefill, then a decode packed with a second prefill, through the slab; refuse a
-        model whose layers do not all write through the cache and attend with the plan."""
+        model whose layers do not all attend through the plan (so write the slab)."""
         assert self._slab is not None
-        plans: list[StepPlan] = []
-        forward = self._forward
-
-        def recording(plan: StepPlan) -> torch.Tensor:
-            plans.append(plan)
-            return forward(plan)
-
-        self._forward = recording  # type: ignore[method-assign]
+        seen: list[int] = []
         eos, self._eos = self._eos, frozenset()  # the warm-up sequences must not stop early
         pad = self._pad
         try:
             with torch.inference_mode():
-                self._step([NewSequence(-1, [pad, pad], SamplingParams(max_tokens=3))], ())
-                self._step([NewSequence(-2, [pad, pad, pad], SamplingParams(max_tokens=3))], ())
+                for i, length in ((1, 2), (2, 3)):
+                    self._step([NewSequence(-i, [pad] * length, SamplingParams(max_tokens=3))], ())
+                    seen.append(self.attention_calls)
         finally:
-            del self._forward
             self._eos = eos
             self._reset()
         layers = self._slab.layers
-        seen = [(p.updates, p.attended) for p in plans]
-        if seen != [(layers, layers)] * 2:
+        if seen != [layers] * 2:
             raise InvalidRequest(
-                f"{self.model_name}: its layers do not all use a per-layer KV cache and transformers' "
-                f"AttentionInterface ((cache writes, attention calls) per step: {seen}, expected "
-                f"{layers} each), so HFBackend cannot batch it continuously: use a model with plain "
-                "full attention",
+                f"{self.model_name}: its layers do not all use transformers' AttentionInterface "
+                f"(attention calls per step: {seen}, expected {layers}), so HFBackend cannot batch "
+                "it continuously: use a model with plain full attention",
                 field="model",
             )
 
