@@ -1,71 +1,10 @@
 """HFBackend: continuous batching for Hugging Face causal language models, CPU or CUDA.
 
-A :class:`~batcher.GenerationBackend` (see ``batcher/_backend.py`` for which thread calls which
-verb). One :meth:`HFBackend.step`:
-
-1. *drop*: cancelled rows leave the KV slab (swap-remove, then trim padding columns).
-2. *one packed forward call* (``_attention``): the running rows' last tokens and the
-   newcomers' prompts, unpadded, as one ``[1, T]`` sequence. The linear layers run one ``T``-row
-   product; attention runs per part (the decode rows together over their left-padded window of
-   the slab, each newcomer causally over its own row). New keys/values are written in place: the
-   decode rows' into column ``end``, each newcomer's into a fresh row, its prompt ending in that
-   same column, so the merge costs no copy. The chat template's fixed prefix is not recomputed
-   (its keys/values are copied in, ``_prefix``), and logits are computed for each row's last
-   token only.
-3. Every row's token is chosen (greedy rows in one ``argmax``, see ``_sampling``), detokenized
-   incrementally (``_detok``) and checked for EOS, stop strings and ``max_tokens``
-   (``_rows``); finished rows leave the slab at once and their memory is reused. When the batch
-   empties, the slab is freed.
-
-So every step advances every running row, arrivals never stall them, and no position is padding.
-(An earlier design ran newcomers in prefill-only steps, left-padded into length groups: 10 % more
-steps on the benchmark's closed loop, padding waste, and no faster on this CPU, where a step's
-cost is close to proportional to the positions it computes.)
-
-``StepResult.computed_tokens`` counts the positions of the packed call (a decode row is 1, a
-newcomer its prompt less any reused prefix); ``padding_tokens`` is always 0.
-
-Modules: ``_attention`` the packed call's plan and attention, ``_cache`` the slab (layout,
-merge/filter/trim), ``_prefix`` prefix reuse, ``_rows`` per-sequence state,
-``_sampling``, ``_detok``, ``_cpu_linear`` (CPU: linear layers on oneDNN with prepacked
-weights), ``_load`` (finding/converting/describing models, the embedded SmolLM2, the default
-dtype).
-
-Where the time goes (SmolLM2-135M, 2-core AMD EPYC Zen 4 CPU, float32): a decode step is ~80 % matrix
-products, ~9 % attention, the rest elementwise ops; Python and mask building are negligible. So
-the wins were: never copying the cache per step (``DynamicCache`` cats every layer every token),
-prepacked oneDNN weights for decode steps (-35 % step time at 32 rows), no logits for prompt
-positions, not recomputing the template prefix (half of a typical chat prompt), and no padding
-waste. OpenMP's wait policy is a trade-off, left to the user: with torch's default (idle threads
-spin a while before sleeping) a step is ~25 % faster on an otherwise idle machine than with
-``OMP_WAIT_POLICY=PASSIVE`` (every parallel region then wakes a sleeping thread), but on a
-machine shared with other busy processes spinning threads stall a step 3-10x: set
-``OMP_WAIT_POLICY=PASSIVE`` (before torch loads) there. Keep parallel torch work in the process
-to the device thread: every other thread that runs one gets its own libgomp team, and once the
-process holds more libgomp threads than CPUs, libgomp stops spinning for all teams (measured
-here: a linear layer 25 % slower while a second, idle team exists; 208-221 -> 150-186 tok/s in
-the closed-loop benchmark). The backend itself runs torch only on the device thread.
-
-KV budget: ``max_batch_tokens``
--------------------------------
-``kv_bytes_per_token = 2 (K and V) x layers x kv_heads x head_dim x dtype bytes`` (46,080 bytes
-for SmolLM2-135M in float32). The slab holds padded tokens: rows x (window + headroom) columns,
-and a relayout briefly holds old and new slabs. So the budget handed to the scheduler (which
-counts prompt + ``max_tokens`` per running sequence, no padding) is half of what the memory bound
-allows: ``max_batch_tokens = kv_memory_bytes // (2 * kv_bytes_per_token)``. ``kv_memory_gb``
-defaults to min(4 GiB, a quarter of the RAM) on CPU and to 40 % of the free GPU memory on CUDA
-(measured at construction).
-
-Precision
----------
-float32: each sequence's greedy tokens equal its solo ``model.generate(do_sample=False)`` tokens
-from plain transformers, whatever shares the batch, when it arrives, whoever is cancelled (the
-tests check 18 SmolLM2 prompts token for token); a seeded sampled sequence draws the same tokens
-alone or in a crowd. bfloat16/float16: the shape of each call (who shares it) and the reused
-prefix change rounding, so a greedy output may leave its solo run's path after a near-tie, and a
-seeded sample may differ with its companions at a near-boundary draw. What holds in every
-dtype: each sequence's tokens come only from its own prompt (no cross-talk), a given batch
-schedule is deterministic, EOS / stop strings / ``max_tokens`` / UTF-8-safe text behave the same.
+One :meth:`HFBackend.step` drops cancelled rows, runs one packed forward call (the decode rows'
+last tokens and the newcomers' prompts, unpadded, with a fixed number of kernels per layer:
+``_attention``) over a preallocated KV slab (``_cache``), then samples, detokenizes and ends rows
+(``_sampling``, ``_detok``, ``_rows``). The design, its measurements and the precision guarantees
+are in ``docs/hf-backend.md``.
 """
 
 from __future__ import annotations
@@ -113,7 +52,7 @@ _GIB = 1 << 30
 
 
 class HFBackend:
-    """Continuous batching for a transformers causal LM (see the module doc).
+    """Continuous batching for a transformers causal LM (design: ``docs/hf-backend.md``).
 
     ``model``: a local folder, a hub id (where a hub is reachable), a ``.gguf`` file, or ``None``
     for the embedded SmolLM2-135M-Instruct (converted once to a cached safetensors folder).
@@ -121,7 +60,7 @@ class HFBackend:
     ``dtype``: ``"auto"`` (float32 on CPU, bfloat16/float16 on CUDA), ``"float32"``,
     ``"bfloat16"``, ``"float16"`` or a ``torch.dtype``. ``device``: ``"cpu"``, ``"cuda"``,
     ``"cuda:1"``... ``max_batch_tokens``: the KV budget in tokens (default: derived from
-    ``kv_memory_gb``, see the module doc). ``model_name``: the metrics label (default: derived
+    ``kv_memory_gb``, see ``docs/hf-backend.md``). ``model_name``: the metrics label (default: derived
     from the model).
 
     The tokenizer and config load here (``prepare`` may run before ``start``); the weights load
@@ -129,7 +68,7 @@ class HFBackend:
 
     Attributes: ``model_name``; ``max_context`` (tokens: the model's position limit, or the
     tokenizer's if smaller); ``max_batch_tokens`` (the KV budget the scheduler reserves against,
-    see the module doc); ``kv_bytes_per_token``; ``dtype``; ``device``; ``tokenizer``; ``model``
+    see ``docs/hf-backend.md``); ``kv_bytes_per_token``; ``dtype``; ``device``; ``tokenizer``; ``model``
     (after ``start``).
     """
 
