@@ -112,6 +112,8 @@ class HFBackend:
         self._no_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
         self._prefix: list[int] = []  # the chat-template prefix whose KV is reused
         self.packed_linears = 0
+        self._generator = torch.Generator()  # unseeded sampling rows draw from it
+        self._generator.seed()  # from fresh entropy
         self.attention_calls = 0  # in the last step's forward call (the warm-up checks it)
 
     # -- the four verbs ---------------------------------------------------------------------
@@ -244,7 +246,7 @@ class HFBackend:
         slab.add_rows([len(a.prompt_ids) for a in admit])
         for r in self._rows[:n]:
             r.position += 1
-        tokens = sample(logits, [r.sampler for r in self._rows])
+        tokens = sample(logits, [r.sampler for r in self._rows], self._generator)
         outputs = [
             row.advance(t, self._eos, self.max_context) for row, t in zip(self._rows, tokens, strict=True)
         ]
