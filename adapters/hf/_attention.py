@@ -25,7 +25,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ._cache import KVSlab
 
-__all__ = ["ATTENTION", "NewRows", "StepPlan", "plan_step", "slab_attention"]
+__all__ = ["ATTENTION", "NewRows", "StepPlan", "cells", "plan_step", "slab_attention"]
 
 ATTENTION = "llm_batcher_slab"
 
@@ -35,8 +35,8 @@ class NewRows:
     """The step's newcomers, as index tensors: they take slab rows ``row0 .. row0+m-1``; the call's
     tokens from ``n`` on are theirs, token ``i`` going to padded query slot ``(slot_b[i],
     slot_t[i])`` of a ``[m, width_q]`` grid; they attend to the last ``width_k`` columns of the
-    window under ``mask`` ``[m, 1, width_q, width_k]``. ``prefix_rows``/``prefix_cols`` are the
-    slab cells that get the chat prefix's column ``prefix_src``."""
+    window under ``mask`` ``[m, 1, width_q, width_k]``. ``prefix_cells`` (see :func:`cells`) get the
+    chat prefix's columns ``prefix_src``."""
 
     row0: int
     m: int
@@ -45,24 +45,23 @@ class NewRows:
     slot_b: torch.Tensor
     slot_t: torch.Tensor
     mask: torch.Tensor
-    prefix_rows: torch.Tensor | None
-    prefix_cols: torch.Tensor | None
+    prefix_cells: torch.Tensor | None
     prefix_src: torch.Tensor | None
 
 
 @dataclass(slots=True)
 class StepPlan:
     """Where the tokens of one packed call go. Decode rows ``0 .. n-1`` are the call's first ``n``
-    tokens; they attend to columns ``start .. col`` under ``decode_mask`` ``[n, 1, 1, w]``. Token
-    ``i`` of the call is written to slab cell ``(rows[i], cols[i])``; every prompt ends at ``col``.
+    tokens; they attend to columns ``start .. stop-1`` under ``decode_mask`` ``[n, 1, 1, w]``. The
+    call's keys/values go to the slab ``cells`` (see :func:`cells`); every prompt ends at ``col``.
     ``ids``/``positions`` are the call's inputs, ``keep`` the index of each row's last token."""
 
     slab: KVSlab
     n: int
     col: int
     start: int
-    rows: torch.Tensor
-    cols: torch.Tensor
+    stop: int
+    cells: torch.Tensor
     decode_mask: torch.Tensor | None
     news: NewRows | None
     ids: torch.Tensor
@@ -82,9 +81,9 @@ class StepPlan:
         self.attended += 1
         layer = module.layer_idx
         kb, vb = self.slab.keys[layer], self.slab.values[layer]
-        # [rows, kv_heads, cols, dim] seen as [rows, cols, kv_heads, dim]: one indexed write each.
-        kb.transpose(1, 2).index_put_((self.rows, self.cols), key[0].transpose(0, 1))
-        vb.transpose(1, 2).index_put_((self.rows, self.cols), value[0].transpose(0, 1))
+        dim = kb.shape[-1]
+        kb.view(-1, dim).index_copy_(0, self.cells, key[0].reshape(-1, dim))  # one indexed write each
+        vb.view(-1, dim).index_copy_(0, self.cells, value[0].reshape(-1, dim))
         parts: list[torch.Tensor] = []
         if self.n:
             parts.append(self._decode(module, query, kb, vb, scaling))
@@ -95,7 +94,7 @@ class StepPlan:
     def _decode(
         self, module: Any, query: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, scaling: float | None
     ) -> torch.Tensor:
-        n, window = self.n, slice(self.start, self.col + 1)
+        n, window = self.n, slice(self.start, self.stop)
         q = query[0, :, :n].transpose(0, 1).unsqueeze(2)  # [n, heads, 1, dim]
         out, _ = sdpa_attention_forward(
             module, q, kb[:n, :, window], vb[:n, :, window], self.decode_mask, scaling=scaling
@@ -112,11 +111,12 @@ class StepPlan:
         layer: int,
         scaling: float | None,
     ) -> torch.Tensor:
-        if news.prefix_rows is not None:
-            assert news.prefix_cols is not None and news.prefix_src is not None
+        if news.prefix_cells is not None:
+            assert news.prefix_src is not None
             for dst, src in ((kb, self.slab.prefix_keys), (vb, self.slab.prefix_values)):
-                prefix = src[layer].transpose(0, 1)  # [p, kv_heads, dim]
-                dst.transpose(1, 2).index_put_((news.prefix_rows, news.prefix_cols), prefix[news.prefix_src])
+                prefix = src[layer][:, news.prefix_src]  # [kv_heads, cells, dim]
+                dim = dst.shape[-1]
+                dst.view(-1, dim).index_copy_(0, news.prefix_cells, prefix.reshape(-1, dim))
         heads, dim = query.shape[1], query.shape[3]
         q = query.new_zeros(news.m, news.width_q, heads, dim)
         q.index_put_((news.slot_b, news.slot_t), query[0, :, self.n :].transpose(0, 1))
@@ -156,6 +156,15 @@ AttentionInterface.register(ATTENTION, slab_attention)
 AttentionMaskInterface.register(ATTENTION, sdpa_mask)  # outside the backend's steps: masks as "sdpa"
 
 
+def cells(rows: torch.Tensor, cols: torch.Tensor, heads: int, capacity: int) -> torch.Tensor:
+    """Flat indices of slab cells ``(rows[i], head, cols[i])`` in a layer seen as ``[-1, dim]``,
+    head-major (``[heads, len(rows)]``, the layout of a ``[1, heads, T, dim]`` key): one
+    ``index_copy_`` of a contiguous slab (an ``index_put_`` through a transposed view of the slab
+    measured ~1 ms per call on the CPU, 100x a plain copy)."""
+    h = torch.arange(heads, device=rows.device).unsqueeze(1)
+    return ((rows.unsqueeze(0) * heads + h) * capacity + cols.unsqueeze(0)).reshape(-1)
+
+
 def plan_step(
     slab: KVSlab, n: int, lens: Sequence[int], skips: Sequence[int], ids: list[int], positions: list[int]
 ) -> StepPlan:
@@ -190,6 +199,7 @@ def plan_step(
     dev = host.to(slab.device, non_blocking=True)
     split = dev.split_with_sizes([len(p) for p in parts])
     (tok, pos, rows, cols, keep, slot_b, slot_t, first_d, q_d, pre_rows, pre_cols, pre_src_d) = split
+    heads, capacity = slab.kv_heads, slab.col_capacity
     decode_mask = None
     if n:
         decode_mask = slab.valid[:n, slab.start : col + 1].reshape(n, 1, 1, -1)
@@ -211,8 +221,19 @@ def plan_step(
             slot_b,
             slot_t,
             mask.unsqueeze(1),
-            pre_rows if reuse else None,
-            pre_cols if reuse else None,
+            cells(pre_rows, pre_cols, heads, capacity) if reuse else None,
             pre_src_d if reuse else None,
         )
-    return StepPlan(slab, n, col, slab.start, rows, cols, decode_mask, news, tok, pos, keep)
+    return StepPlan(
+        slab,
+        n=n,
+        col=col,
+        start=slab.start,
+        stop=col + 1,
+        cells=cells(rows, cols, heads, capacity),
+        decode_mask=decode_mask,
+        news=news,
+        ids=tok,
+        positions=pos,
+        keep=keep,
+    )

@@ -31,6 +31,7 @@ from batcher import (
 from ._attention import ATTENTION, StepPlan, plan_step
 from ._cache import KVSlab
 from ._cpu_linear import pack_linears
+from ._graphs import DecodeGraphs
 from ._load import (
     check_cache_compatible,
     default_kv_gb,
@@ -61,7 +62,8 @@ class HFBackend:
     ``"bfloat16"``, ``"float16"`` or a ``torch.dtype``. ``device``: ``"cpu"``, ``"cuda"``,
     ``"cuda:1"``... ``max_batch_tokens``: the KV budget in tokens (default: derived from
     ``kv_memory_gb``, see ``docs/hf-backend.md``). ``model_name``: the metrics label (default: derived
-    from the model).
+    from the model). ``cuda_graphs``: replay decode-only steps as CUDA graphs per batch-size bucket
+    (``_graphs``; CUDA only, refused elsewhere; off by default until measured on a GPU).
 
     The tokenizer and config load here (``prepare`` may run before ``start``); the weights load
     in :meth:`start`, on the device thread.
@@ -82,10 +84,18 @@ class HFBackend:
         max_batch_tokens: int | None = None,
         kv_memory_gb: float | None = None,
         model_name: str | None = None,
+        cuda_graphs: bool = False,
     ) -> None:
         from transformers import AutoConfig, AutoTokenizer
 
         self.device = torch.device(device)
+        if cuda_graphs and self.device.type != "cuda":
+            raise InvalidRequest(
+                f"cuda_graphs=True needs a CUDA device, not {self.device}: the CPU runs eager "
+                "steps (graphs would save no launch cost there); leave cuda_graphs off",
+                field="cuda_graphs",
+            )
+        self.cuda_graphs = cuda_graphs
         self.dtype = resolve_dtype(dtype, self.device)
         self._source, self._load_kw, default_name = resolve_source(model, gguf_file)
         self.model_name = model_name or default_name
@@ -108,6 +118,7 @@ class HFBackend:
         self._pad = self._eos_first()
         self.model: Any = None
         self._slab: KVSlab | None = None
+        self._graphs: DecodeGraphs | None = None
         self._rows: list[Row] = []
         self._no_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
         self._prefix: list[int] = []  # the chat-template prefix whose KV is reused
@@ -140,9 +151,12 @@ class HFBackend:
             head_dim=head_dim(text),
             dtype=self.dtype,
             device=self.device,
+            headroom=256 if self.cuda_graphs else 64,  # graphs are recaptured at each relayout
         )
         self._warm_up()
         self._build_prefix()
+        if self.cuda_graphs:
+            self._graphs = DecodeGraphs(self.model, self._slab, self._pad)
 
     def prepare(self, requests: Sequence[PrepareRequest]) -> list[PreparedPrompt | InvalidRequest]:
         """Host thread: tokenize (chat template for message lists) and check the context limit."""
@@ -164,6 +178,7 @@ class HFBackend:
         """Device thread: free the KV slab and the weights."""
         self._reset()
         self.model = None
+        self._graphs = None
         self._slab = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -273,7 +288,11 @@ class HFBackend:
 
     def _forward(self, plan: StepPlan) -> torch.Tensor:
         """Run the packed call of ``plan`` (see ``_plan``); the logits of each row's last token.
-        The model gets no cache: the attention function writes the slab under the plan."""
+        The model gets no cache: the attention function writes the slab under the plan. With
+        ``cuda_graphs``, a decode-only step replays its bucket's graph (``_graphs``)."""
+        replayed = self._graphs.decode(plan) if self._graphs is not None else None
+        if replayed is not None:
+            return replayed
         out = self.model(
             input_ids=plan.ids.unsqueeze(0),
             attention_mask=self._no_mask,  # 4-D: transformers builds no mask of its own
