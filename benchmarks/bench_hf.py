@@ -66,6 +66,7 @@ import json
 import os
 import random
 import statistics
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -248,7 +249,7 @@ class Generator:
     def __init__(self, backend: HFBackend) -> None:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(backend._source, dtype=backend.dtype)
+        model = AutoModelForCausalLM.from_pretrained(backend._source, **backend._load_kw, dtype=backend.dtype)
         self.model = model.to(backend.device).eval()
         self.device = backend.device
         # The one thread the sequential, static and ceiling baselines run on (one OpenMP team).
@@ -485,11 +486,12 @@ def step_ops(backend: HFBackend) -> list[StepOps]:
 
 def random_model_dir(args: argparse.Namespace) -> str:
     """A random-weight model with SmolLM2's config and tokenizer (from ``--tokenizer``, else the
-    embedded model's folder), saved under ``--out``: it costs the same per token as the real one."""
+    embedded model's folder), saved once in the temporary folder: it costs the same per token as the
+    real one."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     src = args.tokenizer or str(embedded_model_dir())
-    path = Path(args.out) / "random-smollm2"
+    path = Path(tempfile.gettempdir()) / "llm-batcher-random-smollm2"
     if not (path / "config.json").exists():
         config = AutoConfig.from_pretrained(src)
         torch.manual_seed(0)
@@ -515,6 +517,8 @@ async def main_offline(args: argparse.Namespace, backend: HFBackend) -> tuple[li
         note(results[-1])
         results.append(await offline_ours(batcher, reqs[:n]))
         note(results[-1])
+    if args.only_batcher:
+        return results, extra
     gen = Generator(backend)
     loop = asyncio.get_running_loop()
     theirs = await lone_ttft_theirs(gen, reqs[1], 3)
@@ -572,7 +576,7 @@ async def main(args: argparse.Namespace) -> None:
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} load average={os.getloadavg()}"
     )
     model = args.model or (random_model_dir(args) if args.random_weights else None)
-    backend = HFBackend(model, dtype=args.dtype, device=args.device)
+    backend = HFBackend(model, dtype=args.dtype, device=args.device, cuda_graphs=args.cuda_graphs)
     if args.offline:
         results, extra = await main_offline(args, backend)
         report(results, extra, out, args)
@@ -615,6 +619,7 @@ def report(results: list[Figures], extra: dict[str, Any], out: Path, args: argpa
     if "lone" in extra:
         print("lone request:", extra["lone"])
     tag = f"{args.device.replace(':', '')}-{args.dtype}" + (f"-offline{args.offline}" if args.offline else "")
+    tag += "-graphs" if args.cuda_graphs else ""
     (out / f"results-{tag}.json").write_text(
         json.dumps({"args": vars(args), "results": [asdict(r) for r in results], **extra}, indent=2)
     )
@@ -691,6 +696,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--only-batcher", action="store_true", help="skip the baselines")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1...")
     p.add_argument("--model", help="a model folder (default: the embedded SmolLM2)")
+    p.add_argument("--cuda-graphs", action="store_true", help="CUDA: replay decode steps as graphs")
     p.add_argument(
         "--random-weights",
         action="store_true",
