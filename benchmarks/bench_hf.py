@@ -32,10 +32,24 @@ only its device thread's team alive, and closed before the baselines, which all 
 dedicated thread (one team); thread-per-request, which makes a team per pool thread by its very
 nature, runs last. The lone-request comparison measures each side in its own phase.
 
-Prints a table, writes ``results-<dtype>.json`` and ``bench_hf-<dtype>.png`` to ``--out``.
+Offline mode (``--offline N``, the GPU comparison): all N prompts submitted at once, in one
+process, on the same prompts: ours (after a closed loop at ``--concurrency``), static batching
+(``generate`` on chunks of ``--max-batch`` run to their longest), the padded ceiling
+(``--max-batch`` x 128), and transformers' continuous batching (``init_continuous_batching``, one
+``add_request`` per prompt with its own ``max_new_tokens``; run last, it re-wires attention). It
+also prints the "ops per step per layer" figure (``batcher.adapters.hf._opcount``): attention calls,
+``copy_`` and indexed writes per layer while 1, 7, 24 then 64 newcomers join a running batch.
+``--device cuda``, ``--model DIR``, and ``--random-weights`` (SmolLM2's config and tokenizer with
+random weights: the same cost per token, no embedded model needed; ``--tokenizer DIR`` names a
+folder with SmolLM2's config and tokenizer files where the embedded model is not installed).
+
+Prints a table, writes ``results-<tag>.json`` and ``bench_hf-<tag>.png`` to ``--out``.
 Usage::
 
     python benchmarks/bench_hf.py --dtype float32 [--quick] [--out out/bench_hf]
+    python benchmarks/bench_hf.py --offline 64 --max-batch 64          # CPU, a few minutes
+    python benchmarks/bench_hf.py --device cuda --dtype bfloat16 --random-weights --offline 512 \
+        --max-batch 256
 """
 
 from __future__ import annotations
@@ -52,6 +66,7 @@ import json
 import os
 import random
 import statistics
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -60,6 +75,8 @@ from typing import Any
 
 import torch
 from batcher.adapters.hf._backend import HFBackend
+from batcher.adapters.hf._load import embedded_model_dir
+from batcher.adapters.hf._opcount import StepOps, wave_ops
 from tqdm import tqdm
 
 from batcher import BatchConfig, Batcher
@@ -232,12 +249,14 @@ class Generator:
     def __init__(self, backend: HFBackend) -> None:
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(backend._source, dtype=backend.dtype).eval()
+        model = AutoModelForCausalLM.from_pretrained(backend._source, **backend._load_kw, dtype=backend.dtype)
+        self.model = model.to(backend.device).eval()
+        self.device = backend.device
         # The one thread the sequential, static and ceiling baselines run on (one OpenMP team).
         self.thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="baseline")
         self.tok = backend.tokenizer
         self.pad = backend.tokenizer.pad_token_id
-        self.ids = {}
+        self.ids: dict[str, list[int]] = {}
 
     def encode(self, r: Req) -> list[int]:
         key = r.messages[0]["content"]
@@ -250,8 +269,8 @@ class Generator:
         self, prompts: list[list[int]], max_new: int, streamer: Any = None, min_new: int = 0
     ) -> list[list[int]]:
         width = max(len(p) for p in prompts)
-        ids = torch.tensor([[self.pad] * (width - len(p)) + p for p in prompts])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        ids = torch.tensor([[self.pad] * (width - len(p)) + p for p in prompts], device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
         with torch.inference_mode():
             out = self.model.generate(
                 input_ids=ids,
@@ -388,6 +407,149 @@ async def lone_ttft_theirs(gen: Generator, req: Req, repeats: int) -> float:
     )
 
 
+# -- offline: every prompt submitted at once (--offline N) ------------------------------------------
+def static_offline(gen: Generator, reqs: list[Req], batch: int) -> Figures:
+    """Static batching: ``generate`` on chunks of ``batch`` prompts, each run to its longest member."""
+    obs: list[Obs] = []
+    t0 = time.perf_counter()
+    for i in range(0, len(reqs), batch):
+        chunk = reqs[i : i + batch]
+        s = _FirstToken()
+        outs = gen.generate([gen.encode(r) for r in chunk], max(r.max_tokens for r in chunk), s)
+        end = time.perf_counter()
+        obs += [
+            Obs((s.at or end) - t0, end - t0, gen.useful(o, r.max_tokens))
+            for o, r in zip(outs, chunk, strict=True)
+        ]
+    return figures("static", f"offline {len(reqs)}", obs, time.perf_counter() - t0, batch=batch)
+
+
+def hf_continuous(gen: Generator, reqs: list[Req]) -> Figures:
+    """transformers' own continuous batching: ``init_continuous_batching`` then one ``add_request``
+    per prompt (its own max_new_tokens), results collected as they finish. Run last: it switches
+    the model to its paged attention."""
+    from transformers import GenerationConfig
+
+    eos = gen.model.generation_config.eos_token_id
+    config = GenerationConfig(
+        max_new_tokens=max(r.max_tokens for r in reqs),
+        do_sample=False,
+        pad_token_id=gen.pad,
+        eos_token_id=eos,
+    )
+    manager = gen.model.init_continuous_batching(generation_config=config)
+    manager.start()
+    obs: list[Obs] = []
+    try:
+        t0 = time.perf_counter()
+        for i, r in enumerate(reqs):
+            manager.add_request(
+                gen.encode(r), request_id=f"r{i}", max_new_tokens=r.max_tokens, record_timestamps=True
+            )
+        while len(obs) < len(reqs):
+            out = manager.get_result(timeout=1.0)
+            if out is None:
+                if not manager.is_running():
+                    raise RuntimeError("transformers' continuous batching stopped before finishing")
+                continue
+            if out.is_finished():
+                end = time.perf_counter()
+                first = out.timestamps[0] if out.timestamps else end
+                obs.append(
+                    Obs(
+                        first - t0,
+                        end - t0,
+                        gen.useful(out.generated_tokens, reqs[int(out.request_id[1:])].max_tokens),
+                    )
+                )
+        wall = time.perf_counter() - t0
+    finally:
+        manager.stop(block=True)
+    return figures("hf-cb", f"offline {len(reqs)}", obs, wall)
+
+
+async def offline_ours(batcher: Batcher, reqs: list[Req]) -> Figures:
+    serve = batcher_serve(batcher)
+    t0 = time.perf_counter()
+    obs = list(await asyncio.gather(*(serve(r) for r in reqs)))
+    return figures("batcher", f"offline {len(reqs)}", obs, time.perf_counter() - t0)
+
+
+def step_ops(backend: HFBackend) -> list[StepOps]:
+    """The ops-per-step-per-layer figure: 1, 7, 24 then 64 newcomers join a running batch."""
+    backend.start()
+    try:
+        return wave_ops(backend, backend.model.config.get_text_config().num_hidden_layers)
+    finally:
+        backend.close()
+
+
+def random_model_dir(args: argparse.Namespace) -> str:
+    """A random-weight model with SmolLM2's config and tokenizer (from ``--tokenizer``, else the
+    embedded model's folder), saved once in the temporary folder: it costs the same per token as the
+    real one."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    src = args.tokenizer or str(embedded_model_dir())
+    path = Path(tempfile.gettempdir()) / "llm-batcher-random-smollm2"
+    if not (path / "config.json").exists():
+        config = AutoConfig.from_pretrained(src)
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(str(path))
+        AutoTokenizer.from_pretrained(src).save_pretrained(str(path))
+    return str(path)
+
+
+async def main_offline(args: argparse.Namespace, backend: HFBackend) -> tuple[list[Figures], dict[str, Any]]:
+    """Ours (closed loop, then offline), static batching, the padded ceiling, transformers'
+    continuous batching, all on the same prompts in one process; and the ops figure."""
+    n = args.offline
+    reqs = workload(max(n, args.prompts, args.max_batch))
+    extra: dict[str, Any] = {"ops": [asdict(o) for o in step_ops(backend)]}
+    results: list[Figures] = []
+    config = BatchConfig(max_batch_size=args.max_batch, max_queue=max(256, n))
+    async with Batcher(backend, config) as batcher:
+        serve = batcher_serve(batcher)
+        await serve(Req(reqs[0].messages, 2))  # warm up
+        ours = await lone_ttft_ours(batcher, reqs[1], 3)
+        obs, wall = await closed_loop(serve, reqs[: args.prompts], args.concurrency, "batcher closed")
+        results.append(figures("batcher", f"closed c={args.concurrency}", obs, wall))
+        note(results[-1])
+        results.append(await offline_ours(batcher, reqs[:n]))
+        note(results[-1])
+    if args.only_batcher:
+        return results, extra
+    gen = Generator(backend)
+    loop = asyncio.get_running_loop()
+    theirs = await lone_ttft_theirs(gen, reqs[1], 3)
+    extra["lone"] = {"batcher_ttft_s": ours, "generate_ttft_s": theirs, "ratio": ours / theirs}
+    for job in (
+        lambda: static_offline(gen, reqs[:n], args.max_batch),
+        lambda: ceiling(gen, reqs, args.max_batch),
+        lambda: hf_continuous(gen, reqs[:n]),
+    ):
+        try:
+            results.append(await loop.run_in_executor(gen.thread, job))
+            note(results[-1])
+        except Exception as exc:  # a baseline that fails is reported, not fatal
+            print(f"baseline failed: {type(exc).__name__}: {exc}")
+            extra.setdefault("failed", []).append(f"{type(exc).__name__}: {exc}")
+    gen.thread.shutdown()
+    return results, extra
+
+
+def ops_table(ops: list[dict[str, Any]]) -> None:
+    print("ops per step per layer (newcomers joining a running batch):")
+    print(
+        f"{'newcomers':>10}{'rows':>6}{'attention':>10}{'copy_':>7}{'index writes':>13}{'all aten ops':>13}"
+    )
+    for o in ops:
+        print(
+            f"{o['newcomers']:>10}{o['rows']:>6}{o['attention']:>10.2f}{o['copies']:>7.2f}"
+            f"{o['index_writes']:>13.2f}{o['total']:>13.1f}"
+        )
+
+
 # -- main -----------------------------------------------------------------------------------------
 async def both_patterns(
     system: str, serve: Serve, closed: list[Req], open_: list[Req], args: argparse.Namespace
@@ -410,12 +572,17 @@ async def main(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240
     print(
-        f"dtype={args.dtype} torch threads={torch.get_num_threads()} "
+        f"dtype={args.dtype} device={args.device} torch threads={torch.get_num_threads()} "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} load average={os.getloadavg()}"
     )
-    backend = HFBackend(dtype=args.dtype)
-    results: list[Figures] = []
-    extra: dict[str, Any] = {}
+    model = args.model or (random_model_dir(args) if args.random_weights else None)
+    backend = HFBackend(model, dtype=args.dtype, device=args.device, cuda_graphs=args.cuda_graphs)
+    if args.offline:
+        results, extra = await main_offline(args, backend)
+        report(results, extra, out, args)
+        return
+    results = []
+    extra = {}
     repeats = 3 if args.quick else 5
     # Phase 1: the batcher, with only its device thread's OpenMP team alive (see the module doc).
     async with Batcher(backend, BatchConfig(max_batch_size=args.concurrency)) as batcher:
@@ -441,12 +608,23 @@ async def main(args: argparse.Namespace) -> None:
         # Phase 3: thread per request (many OpenMP teams: the common recipe's own cost), last.
         results += await both_patterns("threads", threads_serve(gen), base, base, args)
     gen.thread.shutdown()
+    report(results, extra, out, args)
+
+
+def report(results: list[Figures], extra: dict[str, Any], out: Path, args: argparse.Namespace) -> None:
+    """Print the table (and the ops figure), write the JSON and the PNG."""
     table(results)
-    (out / f"results-{args.dtype}.json").write_text(
+    if "ops" in extra:
+        ops_table(extra["ops"])
+    if "lone" in extra:
+        print("lone request:", extra["lone"])
+    tag = f"{args.device.replace(':', '')}-{args.dtype}" + (f"-offline{args.offline}" if args.offline else "")
+    tag += "-graphs" if args.cuda_graphs else ""
+    (out / f"results-{tag}.json").write_text(
         json.dumps({"args": vars(args), "results": [asdict(r) for r in results], **extra}, indent=2)
     )
-    plot(results, extra, out / f"bench_hf-{args.dtype}.png", args.dtype)
-    print(f"wrote {out}/results-{args.dtype}.json and bench_hf-{args.dtype}.png")
+    plot(results, extra, out / f"bench_hf-{tag}.png", tag)
+    print(f"wrote {out}/results-{tag}.json and bench_hf-{tag}.png")
 
 
 def note(r: Figures) -> None:
@@ -477,19 +655,19 @@ def plot(results: list[Figures], extra: dict[str, Any], path: Path, dtype: str) 
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 5))
-    closed = [r for r in results if r.pattern.startswith(("closed", "one"))]
-    pois = [r for r in results if r.pattern.startswith("poisson")]
+    closed = [r for r in results if r.pattern.startswith(("closed", "one", "offline"))]
+    pois = [r for r in results if r.pattern.startswith(("poisson", "offline"))]
     ax = axes[0]
-    ax.bar([r.system for r in closed], [r.tokens_per_s for r in closed], color="tab:blue")
-    ax.set_title(f"useful tokens/s, closed loop ({dtype})\n(ceiling: computed tokens/s of one batch)")
+    ax.bar([f"{r.system}\n{r.pattern}" for r in closed], [r.tokens_per_s for r in closed], color="tab:blue")
+    ax.set_title(f"useful tokens/s ({dtype})\n(ceiling: computed tokens/s of one batch)")
     for i, r in enumerate(closed):
         ax.text(i, r.tokens_per_s, f"{r.tokens_per_s:.0f}", ha="center", va="bottom")
-    for ax, group, title in [(axes[1], closed, "closed loop"), (axes[2], pois, "Poisson arrivals")]:
+    for ax, group, title in [(axes[1], closed, "closed loop"), (axes[2], pois, "Poisson / offline")]:
         xs = range(len(group))
         ax.bar([x - 0.2 for x in xs], [r.ttft_p50 for r in group], 0.4, label="TTFT p50")
         ax.bar([x + 0.2 for x in xs], [r.ttft_p99 for r in group], 0.4, label="TTFT p99")
         ax.plot(list(xs), [r.e2e_p50 for r in group], "k^", label="end-to-end p50")
-        ax.set_xticks(list(xs), [r.system for r in group])
+        ax.set_xticks(list(xs), [f"{r.system}\n{r.pattern}" for r in group])
         ax.set_yscale("log")
         ax.set_ylabel("seconds")
         ax.set_title(f"latency, {title}")
@@ -506,7 +684,7 @@ def plot(results: list[Figures], extra: dict[str, Any], path: Path, dtype: str) 
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--quick", action="store_true", help="a small subset, for a fast look")
     p.add_argument("--out", default="out/bench_hf")
     p.add_argument("--prompts", type=int, default=64)
@@ -516,6 +694,23 @@ def parse() -> argparse.Namespace:
     p.add_argument("--rate", type=float, default=0.5)
     p.add_argument("--window", type=float, default=0.05, help="static batching window, seconds")
     p.add_argument("--only-batcher", action="store_true", help="skip the baselines")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1...")
+    p.add_argument("--model", help="a model folder (default: the embedded SmolLM2)")
+    p.add_argument("--cuda-graphs", action="store_true", help="CUDA: replay decode steps as graphs")
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="SmolLM2's config with random weights (no embedded model needed)",
+    )
+    p.add_argument("--tokenizer", help="with --random-weights: a folder with SmolLM2's config and tokenizer")
+    p.add_argument(
+        "--offline",
+        type=int,
+        default=0,
+        metavar="N",
+        help="submit N prompts at once: ours, static batching, ceiling, transformers' continuous batching",
+    )
+    p.add_argument("--max-batch", type=int, default=64, help="offline: max batch size (ours and static)")
     return p.parse_args()
 
 

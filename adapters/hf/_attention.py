@@ -1,122 +1,136 @@
-"""One forward call per step: decode rows and newcomers' prompts packed into one token sequence.
+"""One forward call per step, and a fixed number of kernels per layer whatever joins the step.
 
-Why
----
-A step used to run the running rows' decode and the newcomers' prefill as separate forward calls
-(and skipped the decode in steps with newcomers, so that a first token did not also wait for a
-decode). Every call is one more pass over the weights, and every prefill-only step stalls all
-running rows for a step. Packing runs both in one call: the input is ``[1, T]`` tokens (one per
-decode row, then each newcomer's prompt, no padding), so the linear layers see one ``T``-row
-product; only attention needs to know which token belongs to which row.
-
-How
----
-:class:`StepPlan` says where every token of the call goes. The slab's cache layer
-(``_cache.KVSlab.update``) writes the call's new keys/values into their rows and columns (and
-copies the reused chat prefix into newcomers' rows), and :func:`slab_attention`, registered with
-transformers' ``AttentionInterface`` as ``"llm_batcher_slab"``, runs attention per part with
-transformers' own SDPA function: the decode rows together (one query each, their window of the
-slab, the left-padding mask), then each newcomer alone (its prompt's queries against its own row,
-causal). The plan reaches the attention function as a keyword argument of the model call
-(transformers passes unknown keyword arguments down to attention). Without a plan (``generate``
-on ``backend.model``, say) the function is plain SDPA, with the same masks as ``"sdpa"``.
-
-The backend's warm-up checks that every layer really wrote through the slab and attended with the
-plan; a model whose code does not pass keyword arguments down is refused there.
+The call's input is ``[1, T]`` tokens: one per decode row, then every newcomer's prompt (less its
+reused prefix), unpadded. The linear layers see one ``T``-row product; only attention needs to know
+which token belongs to which row. :class:`StepPlan` says so, with index tensors built once per step
+(``_plan``), and :func:`slab_attention`, registered with transformers' ``AttentionInterface`` as
+``"llm_batcher_slab"``, does per layer: one indexed write of the call's keys/values into the slab,
+one indexed copy of the chat prefix into newcomers' rows, one attention call for the decode rows
+over the slab window, and one padded attention call for all newcomers together (the design and its
+measurements: ``docs/hf-backend.md``). The plan reaches attention as a keyword argument of the model
+call; without one (``generate`` on ``backend.model``) the function is plain SDPA.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-__all__ = ["ATTENTION", "NewRow", "StepPlan", "slab_attention"]
+from ._cache import KVSlab
+
+__all__ = ["ATTENTION", "NewRows", "StepPlan", "cells", "plan_step", "slab_attention"]
 
 ATTENTION = "llm_batcher_slab"
 
 
 @dataclass(slots=True)
-class NewRow:
-    """A newcomer in the packed call: its slab ``row``, its queries at ``off .. off+q-1`` of the
-    call, its first slab column ``first`` (``skip`` reused prefix columns come first)."""
+class NewRows:
+    """The step's newcomers, as index tensors: they take slab rows ``row0 .. row0+m-1``; the call's
+    tokens from ``n`` on are theirs, token ``i`` going to padded query slot ``(slot_b[i],
+    slot_t[i])`` of a ``[m, width_q]`` grid; they attend to the last ``width_k`` columns of the
+    window under ``mask`` ``[m, 1, width_q, width_k]``. ``prefix_cells`` (see :func:`cells`) get the
+    chat prefix's columns ``prefix_src``."""
 
-    row: int
-    off: int
-    q: int
-    first: int
-    skip: int
-    mask: torch.Tensor | None  # [1, 1, q, skip + q] causal after the prefix; None: plain causal
+    row0: int
+    m: int
+    width_q: int
+    width_k: int
+    slot_b: torch.Tensor
+    slot_t: torch.Tensor
+    mask: torch.Tensor
+    prefix_cells: torch.Tensor | None
+    prefix_src: torch.Tensor | None
 
 
 @dataclass(slots=True)
 class StepPlan:
-    """Where the tokens of one packed call go. Decode rows ``0 .. n-1`` are the call's first
-    ``n`` tokens and write column ``col``; they attend to columns ``start .. col`` under
-    ``decode_mask`` ``[n, 1, 1, col + 1 - start]``. Newcomers' prompts end at column ``col``."""
+    """Where the tokens of one packed call go. Decode rows ``0 .. n-1`` are the call's first ``n``
+    tokens; they attend to columns ``start .. stop-1`` under ``decode_mask`` ``[n, 1, 1, w]``. The
+    call's keys/values go to the slab ``cells`` (see :func:`cells`); every prompt ends at ``col``.
+    ``ids``/``positions`` are the call's inputs, ``keep`` the index of each row's last token."""
 
+    slab: KVSlab
     n: int
     col: int
     start: int
+    stop: int
+    cells: torch.Tensor
     decode_mask: torch.Tensor | None
-    news: list[NewRow] = field(default_factory=list)
-    ids: list[int] = field(default_factory=list)  # the call's input ids and position ids
-    positions: list[int] = field(default_factory=list)
-    updates: int = 0  # cache writes seen (the warm-up checks them) ...
-    attended: int = 0  # ... and attention calls
+    news: NewRows | None
+    ids: torch.Tensor
+    positions: torch.Tensor
+    keep: torch.Tensor
+    attended: int = 0  # attention calls seen (the warm-up checks every layer made one)
 
     @property
     def tokens(self) -> int:
-        return self.n + sum(r.q for r in self.news)
-
-    def last_positions(self) -> list[int]:
-        """Index in the call of each row's last token, decode rows first (where logits are kept)."""
-        return [*range(self.n), *(r.off + r.q - 1 for r in self.news)]
+        return len(self.ids)
 
     def attend(
-        self,
-        module: Any,
-        query: torch.Tensor,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        scaling: float | None,
+        self, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None
     ) -> torch.Tensor:
-        """Attention for the packed ``query`` ``[1, heads, T, dim]`` against the slab layer
-        ``keys``/``values`` ``[rows, kv_heads, columns, dim]``: returns ``[1, T, heads, dim]``."""
+        """Write the call's ``key``/``value`` ``[1, kv_heads, T, dim]`` into the slab, then attend
+        for the packed ``query`` ``[1, heads, T, dim]``: returns ``[1, T, heads, dim]``."""
         self.attended += 1
+        layer = module.layer_idx
+        kb, vb = self.slab.keys[layer], self.slab.values[layer]
+        dim = kb.shape[-1]
+        kb.view(-1, dim).index_copy_(0, self.cells, key[0].reshape(-1, dim))  # one indexed write each
+        vb.view(-1, dim).index_copy_(0, self.cells, value[0].reshape(-1, dim))
         parts: list[torch.Tensor] = []
-        n, col = self.n, self.col
-        if n:
-            q = query[0, :, :n].transpose(0, 1).unsqueeze(2)  # [n, heads, 1, dim]
-            window = slice(self.start, col + 1)
-            out, _ = sdpa_attention_forward(
-                module, q, keys[:n, :, window], values[:n, :, window], self.decode_mask, scaling=scaling
-            )
-            parts.append(out.reshape(1, n, *out.shape[2:]))  # [n, 1, heads, dim] -> [1, n, ...]
-        for r in self.news:
-            cols = slice(r.first, col + 1)
-            out, _ = sdpa_attention_forward(
-                module,
-                query[:, :, r.off : r.off + r.q],
-                keys[r.row : r.row + 1, :, cols],
-                values[r.row : r.row + 1, :, cols],
-                r.mask,
-                scaling=scaling,
-            )
-            parts.append(out)
+        if self.n:
+            parts.append(self._decode(module, query, kb, vb, scaling))
+        if self.news is not None:
+            parts.append(self._prefill(self.news, module, query, kb, vb, layer, scaling))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
+    def _decode(
+        self, module: Any, query: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, scaling: float | None
+    ) -> torch.Tensor:
+        n, window = self.n, slice(self.start, self.stop)
+        q = query[0, :, :n].transpose(0, 1).unsqueeze(2)  # [n, heads, 1, dim]
+        out, _ = sdpa_attention_forward(
+            module, q, kb[:n, :, window], vb[:n, :, window], self.decode_mask, scaling=scaling
+        )
+        return out.reshape(1, n, *out.shape[2:])  # [n, 1, heads, dim] -> [1, n, heads, dim]
 
-def prefix_mask(q: int, skip: int, device: torch.device) -> torch.Tensor | None:
-    """Query ``j`` (at absolute position ``skip + j``) sees key columns ``0 .. skip + j``."""
-    if not skip:
-        return None
-    qpos = torch.arange(q, device=device).unsqueeze(1) + skip
-    return (torch.arange(skip + q, device=device).unsqueeze(0) <= qpos).view(1, 1, q, skip + q)
+    def _prefill(
+        self,
+        news: NewRows,
+        module: Any,
+        query: torch.Tensor,
+        kb: torch.Tensor,
+        vb: torch.Tensor,
+        layer: int,
+        scaling: float | None,
+    ) -> torch.Tensor:
+        if news.prefix_cells is not None:
+            assert news.prefix_src is not None
+            for dst, src in ((kb, self.slab.prefix_keys), (vb, self.slab.prefix_values)):
+                prefix = src[layer][:, news.prefix_src]  # [kv_heads, cells, dim]
+                dim = dst.shape[-1]
+                dst.view(-1, dim).index_copy_(0, news.prefix_cells, prefix.reshape(-1, dim))
+        heads, dim = query.shape[1], query.shape[3]
+        q = query.new_zeros(news.m, news.width_q, heads, dim)
+        q.index_put_((news.slot_b, news.slot_t), query[0, :, self.n :].transpose(0, 1))
+        rows = slice(news.row0, news.row0 + news.m)
+        cols = slice(self.col + 1 - news.width_k, self.col + 1)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            kb[rows, :, cols],
+            vb[rows, :, cols],
+            attn_mask=news.mask,
+            scale=scaling,
+            enable_gqa=query.shape[1] != kb.shape[1],
+        )  # [m, heads, width_q, dim]
+        return out.transpose(1, 2)[news.slot_b, news.slot_t].unsqueeze(0)
 
 
 def slab_attention(
@@ -140,3 +154,86 @@ def slab_attention(
 
 AttentionInterface.register(ATTENTION, slab_attention)
 AttentionMaskInterface.register(ATTENTION, sdpa_mask)  # outside the backend's steps: masks as "sdpa"
+
+
+def cells(rows: torch.Tensor, cols: torch.Tensor, heads: int, capacity: int) -> torch.Tensor:
+    """Flat indices of slab cells ``(rows[i], head, cols[i])`` in a layer seen as ``[-1, dim]``,
+    head-major (``[heads, len(rows)]``, the layout of a ``[1, heads, T, dim]`` key): one
+    ``index_copy_`` of a contiguous slab (an ``index_put_`` through a transposed view of the slab
+    measured ~1 ms per call on the CPU, 100x a plain copy)."""
+    h = torch.arange(heads, device=rows.device).unsqueeze(1)
+    return ((rows.unsqueeze(0) * heads + h) * capacity + cols.unsqueeze(0)).reshape(-1)
+
+
+def plan_step(
+    slab: KVSlab, n: int, lens: Sequence[int], skips: Sequence[int], ids: list[int], positions: list[int]
+) -> StepPlan:
+    """The plan of a call with ``n`` decode rows then newcomers of prompt lengths ``lens`` (the first
+    ``skips`` tokens of each reused from the chat prefix): every index tensor is built here, with
+    vectorised ops on the host and one transfer to the device, whatever the number of newcomers."""
+    col, m = slab.end, len(lens)
+    total = torch.tensor(lens, dtype=torch.long)
+    skip = torch.tensor(skips, dtype=torch.long)
+    q = total - skip
+    owner = torch.repeat_interleave(torch.arange(m), q)  # the newcomer of each prompt token
+    within = torch.arange(len(owner)) - (q.cumsum(0) - q)[owner]
+    width_q = int(q.max()) if m else 0
+    first = col + 1 - total
+    pre_owner = torch.repeat_interleave(torch.arange(m), skip)
+    pre_src = torch.arange(len(pre_owner)) - (skip.cumsum(0) - skip)[pre_owner]
+    parts = [
+        torch.tensor(ids),
+        torch.tensor(positions),
+        torch.cat([torch.arange(n), n + owner]),  # slab row of each token
+        torch.cat([torch.full((n,), col), col + 1 - q[owner] + within]),  # slab column of each token
+        torch.cat([torch.arange(n), n + q.cumsum(0) - 1]),  # each row's last token in the call
+        owner,
+        width_q - q[owner] + within,  # padded query slot of each prompt token
+        first,
+        q,
+        n + pre_owner,
+        first[pre_owner] + pre_src,
+        pre_src,
+    ]
+    host = torch.cat(parts)
+    dev = host.to(slab.device, non_blocking=True)
+    split = dev.split_with_sizes([len(p) for p in parts])
+    (tok, pos, rows, cols, keep, slot_b, slot_t, first_d, q_d, pre_rows, pre_cols, pre_src_d) = split
+    heads, capacity = slab.kv_heads, slab.col_capacity
+    decode_mask = None
+    if n:
+        decode_mask = slab.valid[:n, slab.start : col + 1].reshape(n, 1, 1, -1)
+    news = None
+    if m:
+        width_k = int(total.max())
+        key_col = torch.arange(col + 1 - width_k, col + 1, device=slab.device)
+        query_col = torch.arange(col + 1 - width_q, col + 1, device=slab.device)
+        padded = torch.arange(width_q, device=slab.device) < (width_q - q_d).unsqueeze(1)  # [m, wq]
+        mask = (key_col >= first_d.view(m, 1, 1)) & (
+            (key_col <= query_col.view(1, -1, 1)) | padded.unsqueeze(2)
+        )  # [m, wq, wk]: own prompt only, causal; padded slots see the whole prompt (no empty row)
+        reuse = bool(skip.any())
+        news = NewRows(
+            n,
+            m,
+            width_q,
+            width_k,
+            slot_b,
+            slot_t,
+            mask.unsqueeze(1),
+            cells(pre_rows, pre_cols, heads, capacity) if reuse else None,
+            pre_src_d if reuse else None,
+        )
+    return StepPlan(
+        slab,
+        n=n,
+        col=col,
+        start=slab.start,
+        stop=col + 1,
+        cells=cells(rows, cols, heads, capacity),
+        decode_mask=decode_mask,
+        news=news,
+        ids=tok,
+        positions=pos,
+        keep=keep,
+    )

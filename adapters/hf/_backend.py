@@ -1,71 +1,10 @@
 """HFBackend: continuous batching for Hugging Face causal language models, CPU or CUDA.
 
-A :class:`~batcher.GenerationBackend` (see ``batcher/_backend.py`` for which thread calls which
-verb). One :meth:`HFBackend.step`:
-
-1. *drop*: cancelled rows leave the KV slab (swap-remove, then trim padding columns).
-2. *one packed forward call* (``_attention``): the running rows' last tokens and the
-   newcomers' prompts, unpadded, as one ``[1, T]`` sequence. The linear layers run one ``T``-row
-   product; attention runs per part (the decode rows together over their left-padded window of
-   the slab, each newcomer causally over its own row). New keys/values are written in place: the
-   decode rows' into column ``end``, each newcomer's into a fresh row, its prompt ending in that
-   same column, so the merge costs no copy. The chat template's fixed prefix is not recomputed
-   (its keys/values are copied in, ``_prefix``), and logits are computed for each row's last
-   token only.
-3. Every row's token is chosen (greedy rows in one ``argmax``, see ``_sampling``), detokenized
-   incrementally (``_detok``) and checked for EOS, stop strings and ``max_tokens``
-   (``_rows``); finished rows leave the slab at once and their memory is reused. When the batch
-   empties, the slab is freed.
-
-So every step advances every running row, arrivals never stall them, and no position is padding.
-(An earlier design ran newcomers in prefill-only steps, left-padded into length groups: 10 % more
-steps on the benchmark's closed loop, padding waste, and no faster on this CPU, where a step's
-cost is close to proportional to the positions it computes.)
-
-``StepResult.computed_tokens`` counts the positions of the packed call (a decode row is 1, a
-newcomer its prompt less any reused prefix); ``padding_tokens`` is always 0.
-
-Modules: ``_attention`` the packed call's plan and attention, ``_cache`` the slab (layout,
-merge/filter/trim), ``_prefix`` prefix reuse, ``_rows`` per-sequence state,
-``_sampling``, ``_detok``, ``_cpu_linear`` (CPU: linear layers on oneDNN with prepacked
-weights), ``_load`` (finding/converting/describing models, the embedded SmolLM2, the default
-dtype).
-
-Where the time goes (SmolLM2-135M, 2-core AMD EPYC Zen 4 CPU, float32): a decode step is ~80 % matrix
-products, ~9 % attention, the rest elementwise ops; Python and mask building are negligible. So
-the wins were: never copying the cache per step (``DynamicCache`` cats every layer every token),
-prepacked oneDNN weights for decode steps (-35 % step time at 32 rows), no logits for prompt
-positions, not recomputing the template prefix (half of a typical chat prompt), and no padding
-waste. OpenMP's wait policy is a trade-off, left to the user: with torch's default (idle threads
-spin a while before sleeping) a step is ~25 % faster on an otherwise idle machine than with
-``OMP_WAIT_POLICY=PASSIVE`` (every parallel region then wakes a sleeping thread), but on a
-machine shared with other busy processes spinning threads stall a step 3-10x: set
-``OMP_WAIT_POLICY=PASSIVE`` (before torch loads) there. Keep parallel torch work in the process
-to the device thread: every other thread that runs one gets its own libgomp team, and once the
-process holds more libgomp threads than CPUs, libgomp stops spinning for all teams (measured
-here: a linear layer 25 % slower while a second, idle team exists; 208-221 -> 150-186 tok/s in
-the closed-loop benchmark). The backend itself runs torch only on the device thread.
-
-KV budget: ``max_batch_tokens``
--------------------------------
-``kv_bytes_per_token = 2 (K and V) x layers x kv_heads x head_dim x dtype bytes`` (46,080 bytes
-for SmolLM2-135M in float32). The slab holds padded tokens: rows x (window + headroom) columns,
-and a relayout briefly holds old and new slabs. So the budget handed to the scheduler (which
-counts prompt + ``max_tokens`` per running sequence, no padding) is half of what the memory bound
-allows: ``max_batch_tokens = kv_memory_bytes // (2 * kv_bytes_per_token)``. ``kv_memory_gb``
-defaults to min(4 GiB, a quarter of the RAM) on CPU and to 40 % of the free GPU memory on CUDA
-(measured at construction).
-
-Precision
----------
-float32: each sequence's greedy tokens equal its solo ``model.generate(do_sample=False)`` tokens
-from plain transformers, whatever shares the batch, when it arrives, whoever is cancelled (the
-tests check 18 SmolLM2 prompts token for token); a seeded sampled sequence draws the same tokens
-alone or in a crowd. bfloat16/float16: the shape of each call (who shares it) and the reused
-prefix change rounding, so a greedy output may leave its solo run's path after a near-tie, and a
-seeded sample may differ with its companions at a near-boundary draw. What holds in every
-dtype: each sequence's tokens come only from its own prompt (no cross-talk), a given batch
-schedule is deterministic, EOS / stop strings / ``max_tokens`` / UTF-8-safe text behave the same.
+One :meth:`HFBackend.step` drops cancelled rows, runs one packed forward call (the decode rows'
+last tokens and the newcomers' prompts, unpadded, with a fixed number of kernels per layer:
+``_attention``) over a preallocated KV slab (``_cache``), then samples, detokenizes and ends rows
+(``_sampling``, ``_detok``, ``_rows``). The design, its measurements and the precision guarantees
+are in ``docs/hf-backend.md``.
 """
 
 from __future__ import annotations
@@ -81,11 +20,11 @@ import torch
 from batcher import InvalidRequest, Prompt, PromptTooLong
 from batcher.backend import NewSequence, PreparedPrompt, PrepareRequest, SamplingParams, StepResult
 
-from ._attention import ATTENTION, NewRow, StepPlan, prefix_mask
-from ._cache import KVSlab, SlabCache
+from ._attention import ATTENTION, StepPlan, plan_step
+from ._cache import KVSlab
 from ._cpu_linear import pack_linears
+from ._graphs import DecodeGraphs
 from ._load import (
-    cache_keyword,
     check_cache_compatible,
     default_kv_gb,
     eos_ids,
@@ -106,7 +45,7 @@ _GIB = 1 << 30
 
 
 class HFBackend:
-    """Continuous batching for a transformers causal LM (see the module doc).
+    """Continuous batching for a transformers causal LM (design: ``docs/hf-backend.md``).
 
     ``model``: a local folder, a hub id (where a hub is reachable), a ``.gguf`` file, or ``None``
     for the embedded SmolLM2-135M-Instruct (converted once to a cached safetensors folder).
@@ -114,15 +53,16 @@ class HFBackend:
     ``dtype``: ``"auto"`` (float32 on CPU, bfloat16/float16 on CUDA), ``"float32"``,
     ``"bfloat16"``, ``"float16"`` or a ``torch.dtype``. ``device``: ``"cpu"``, ``"cuda"``,
     ``"cuda:1"``... ``max_batch_tokens``: the KV budget in tokens (default: derived from
-    ``kv_memory_gb``, see the module doc). ``model_name``: the metrics label (default: derived
-    from the model).
+    ``kv_memory_gb``, see ``docs/hf-backend.md``). ``model_name``: the metrics label (default: derived
+    from the model). ``cuda_graphs``: replay decode-only steps as CUDA graphs per batch-size bucket
+    (``_graphs``; CUDA only, refused elsewhere; off by default until measured on a GPU).
 
     The tokenizer and config load here (``prepare`` may run before ``start``); the weights load
     in :meth:`start`, on the device thread.
 
     Attributes: ``model_name``; ``max_context`` (tokens: the model's position limit, or the
     tokenizer's if smaller); ``max_batch_tokens`` (the KV budget the scheduler reserves against,
-    see the module doc); ``kv_bytes_per_token``; ``dtype``; ``device``; ``tokenizer``; ``model``
+    see ``docs/hf-backend.md``); ``kv_bytes_per_token``; ``dtype``; ``device``; ``tokenizer``; ``model``
     (after ``start``).
     """
 
@@ -136,10 +76,18 @@ class HFBackend:
         max_batch_tokens: int | None = None,
         kv_memory_gb: float | None = None,
         model_name: str | None = None,
+        cuda_graphs: bool = False,
     ) -> None:
         from transformers import AutoConfig, AutoTokenizer
 
         self.device = torch.device(device)
+        if cuda_graphs and self.device.type != "cuda":
+            raise InvalidRequest(
+                f"cuda_graphs=True needs a CUDA device, not {self.device}: the CPU runs eager "
+                "steps (graphs would save no launch cost there); leave cuda_graphs off",
+                field="cuda_graphs",
+            )
+        self.cuda_graphs = cuda_graphs
         self.dtype = resolve_dtype(dtype, self.device)
         self._source, self._load_kw, default_name = resolve_source(model, gguf_file)
         self.model_name = model_name or default_name
@@ -162,12 +110,14 @@ class HFBackend:
         self._pad = self._eos_first()
         self.model: Any = None
         self._slab: KVSlab | None = None
-        self._cache: SlabCache | None = None
+        self._graphs: DecodeGraphs | None = None
         self._rows: list[Row] = []
         self._no_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
         self._prefix: list[int] = []  # the chat-template prefix whose KV is reused
         self.packed_linears = 0
-        self._cache_kw = "cache"  # the forward keyword for the KV cache (see ``cache_keyword``)
+        self._generator = torch.Generator()  # unseeded sampling rows draw from it
+        self._generator.seed()  # from fresh entropy
+        self.attention_calls = 0  # in the last step's forward call (the warm-up checks it)
 
     # -- the four verbs ---------------------------------------------------------------------
     def start(self) -> None:
@@ -185,7 +135,6 @@ class HFBackend:
                 field="model",
             ) from exc
         self.model = model.to(self.device).eval()
-        self._cache_kw = cache_keyword(self.model)
         self.packed_linears = pack_linears(self.model)  # CPU: oneDNN prepacked weights
         text = self.model.config.get_text_config()
         self._slab = KVSlab(
@@ -194,10 +143,12 @@ class HFBackend:
             head_dim=head_dim(text),
             dtype=self.dtype,
             device=self.device,
+            headroom=256 if self.cuda_graphs else 64,  # graphs are recaptured at each relayout
         )
-        self._cache = SlabCache(self._slab)
         self._warm_up()
         self._build_prefix()
+        if self.cuda_graphs:
+            self._graphs = DecodeGraphs(self.model, self._slab, self._pad)
 
     def prepare(self, requests: Sequence[PrepareRequest]) -> list[PreparedPrompt | InvalidRequest]:
         """Host thread: tokenize (chat template for message lists) and check the context limit."""
@@ -219,7 +170,7 @@ class HFBackend:
         """Device thread: free the KV slab and the weights."""
         self._reset()
         self.model = None
-        self._cache = None
+        self._graphs = None
         self._slab = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -302,7 +253,7 @@ class HFBackend:
         slab.add_rows([len(a.prompt_ids) for a in admit])
         for r in self._rows[:n]:
             r.position += 1
-        tokens = sample(logits, [r.sampler for r in self._rows])
+        tokens = sample(logits, [r.sampler for r in self._rows], self._generator)
         outputs = [
             row.advance(t, self._eos, self.max_context) for row, t in zip(self._rows, tokens, strict=True)
         ]
@@ -316,44 +267,33 @@ class HFBackend:
         (less the reused prefix); the decode rows write column ``end``, where prompts end too."""
         slab = self._slab
         assert slab is not None
-        n, col = len(self._rows), slab.end
-        decode_mask = None
+        n = len(self._rows)
         if n:
-            slab.valid[:n, col] = True
-            decode_mask = slab.valid[:n, slab.start : col + 1].reshape(n, 1, 1, -1)
-        plan = StepPlan(n, col, slab.start, decode_mask)
-        ids, pos = plan.ids, plan.positions
-        ids += [r.last for r in self._rows]
-        pos += [r.position for r in self._rows]
-        off = n
-        for i, a in enumerate(admit):
-            length = len(a.prompt_ids)
-            skip = prefix_skip(a.prompt_ids, self._prefix)
-            q = length - skip
-            mask = prefix_mask(q, skip, self.device)
-            plan.news.append(NewRow(n + i, off, q, col + 1 - length, skip, mask))
+            slab.valid[:n, slab.end] = True
+        skips = [prefix_skip(a.prompt_ids, self._prefix) for a in admit]
+        ids = [r.last for r in self._rows]
+        pos = [r.position for r in self._rows]
+        for a, skip in zip(admit, skips, strict=True):
             ids += a.prompt_ids[skip:]
-            pos += range(skip, length)
-            off += q
-        slab.plan = plan
-        return plan
+            pos += range(skip, len(a.prompt_ids))
+        return plan_step(slab, n, [len(a.prompt_ids) for a in admit], skips, ids, pos)
 
     def _forward(self, plan: StepPlan) -> torch.Tensor:
-        """Run the packed call of ``plan`` (see ``_plan``); the logits of each row's last token."""
-        dev = self.device
-        try:
-            out = self.model(
-                input_ids=torch.tensor([plan.ids], device=dev),
-                attention_mask=self._no_mask,  # 4-D: transformers builds no mask of its own
-                position_ids=torch.tensor([plan.positions], device=dev),
-                use_cache=True,
-                **{self._cache_kw: self._cache},
-                logits_to_keep=torch.tensor(plan.last_positions(), device=dev),
-                slab_plan=plan,
-            )
-        finally:
-            assert self._slab is not None
-            self._slab.plan = None
+        """Run the packed call of ``plan`` (see ``_plan``); the logits of each row's last token.
+        The model gets no cache: the attention function writes the slab under the plan. With
+        ``cuda_graphs``, a decode-only step replays its bucket's graph (``_graphs``)."""
+        replayed = self._graphs.decode(plan) if self._graphs is not None else None
+        if replayed is not None:
+            return replayed
+        out = self.model(
+            input_ids=plan.ids.unsqueeze(0),
+            attention_mask=self._no_mask,  # 4-D: transformers builds no mask of its own
+            position_ids=plan.positions.unsqueeze(0),
+            use_cache=False,
+            logits_to_keep=plan.keep,
+            slab_plan=plan,
+        )
+        self.attention_calls = plan.attended
         logits: torch.Tensor = out.logits[0]
         return logits
 
@@ -407,34 +347,25 @@ class HFBackend:
 
     def _warm_up(self) -> None:
         """Run a prefill, then a decode packed with a second prefill, through the slab; refuse a
-        model whose layers do not all write through the cache and attend with the plan."""
+        model whose layers do not all attend through the plan (so write the slab)."""
         assert self._slab is not None
-        plans: list[StepPlan] = []
-        forward = self._forward
-
-        def recording(plan: StepPlan) -> torch.Tensor:
-            plans.append(plan)
-            return forward(plan)
-
-        self._forward = recording  # type: ignore[method-assign]
+        seen: list[int] = []
         eos, self._eos = self._eos, frozenset()  # the warm-up sequences must not stop early
         pad = self._pad
         try:
             with torch.inference_mode():
-                self._step([NewSequence(-1, [pad, pad], SamplingParams(max_tokens=3))], ())
-                self._step([NewSequence(-2, [pad, pad, pad], SamplingParams(max_tokens=3))], ())
+                for i, length in ((1, 2), (2, 3)):
+                    self._step([NewSequence(-i, [pad] * length, SamplingParams(max_tokens=3))], ())
+                    seen.append(self.attention_calls)
         finally:
-            del self._forward
             self._eos = eos
             self._reset()
         layers = self._slab.layers
-        seen = [(p.updates, p.attended) for p in plans]
-        if seen != [(layers, layers)] * 2:
+        if seen != [layers] * 2:
             raise InvalidRequest(
-                f"{self.model_name}: its layers do not all use a per-layer KV cache and transformers' "
-                f"AttentionInterface ((cache writes, attention calls) per step: {seen}, expected "
-                f"{layers} each), so HFBackend cannot batch it continuously: use a model with plain "
-                "full attention",
+                f"{self.model_name}: its layers do not all use transformers' AttentionInterface "
+                f"(attention calls per step: {seen}, expected {layers}), so HFBackend cannot batch "
+                "it continuously: use a model with plain full attention",
                 field="model",
             )
 

@@ -18,7 +18,7 @@ Continuous batching on the slab (the TGI ``CausalLMBatch`` filter/concatenate de
 
 * *merge*: newcomers are prefilled in the same forward call as the decode rows (``_attention``)
   straight into rows ``n .. n+m-1``, their prompts ending in the column the decode rows write.
-  No copy.
+  No copy: the attention function writes every token's keys/values with one indexed write.
 * *filter*: a finished or cancelled row is replaced by the last live row (one row copy).
 * *trim*: ``start`` becomes the smallest ``first[r]`` of the remaining rows, so padding columns
   no row needs are dropped from attention for free.
@@ -31,14 +31,10 @@ never turns into NaN.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ._attention import StepPlan
-
-__all__ = ["KVSlab", "SlabCache"]
+__all__ = ["KVSlab"]
 
 
 class KVSlab:
@@ -64,7 +60,6 @@ class KVSlab:
         self.end = 0  # next column to write
         self.first: list[int] = []  # first real column of each live row
         self.relayouts = 0  # how many times the slab was reallocated (for tests)
-        self.plan: StepPlan | None = None  # where the tokens of the forward call now running go
         # The shared chat-template prefix, per layer [kv_heads, p, head_dim].
         self.prefix_keys: list[torch.Tensor] = []
         self.prefix_values: list[torch.Tensor] = []
@@ -152,67 +147,10 @@ class KVSlab:
         """Claim rows for newcomers whose prompts end at column ``end-1`` (left padding): call
         after the step's forward, once ``end`` is past the column it wrote."""
         n, m = self.rows, len(prompt_lens)
-        self.valid[n : n + m] = False
-        for i, length in enumerate(prompt_lens):
-            self.valid[n + i, self.end - length : self.end] = True
-            self.first.append(self.end - length)
+        first = [self.end - length for length in prompt_lens]
+        cols = torch.arange(self.col_capacity, device=self.device)
+        lo = torch.tensor(first, device=self.device).unsqueeze(1)
+        self.valid[n : n + m] = (cols >= lo) & (cols < self.end)
+        self.first += first
         self.rows = n + m
         self.start = min(self.first)
-
-    # -- one packed forward call ----------------------------------------------------------
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the call's new keys/values ``[1, kv_heads, T, dim]`` where the plan says (decode
-        rows at column ``col``; each newcomer's queries ending at ``col``, its reused prefix
-        before them); return the whole layer (attention slices it, see ``_attention``)."""
-        plan = self.plan
-        assert plan is not None, "KVSlab.update outside a planned step"
-        plan.updates += 1
-        kb, vb = self.keys[layer], self.values[layer]
-        n, col = plan.n, plan.col
-        if n:
-            kb[:n, :, col] = k[0, :, :n].transpose(0, 1)
-            vb[:n, :, col] = v[0, :, :n].transpose(0, 1)
-        for r in plan.news:
-            kb[r.row, :, col + 1 - r.q : col + 1] = k[0, :, r.off : r.off + r.q]
-            vb[r.row, :, col + 1 - r.q : col + 1] = v[0, :, r.off : r.off + r.q]
-            if r.skip:
-                kb[r.row, :, r.first : r.first + r.skip] = self.prefix_keys[layer]
-                vb[r.row, :, r.first : r.first + r.skip] = self.prefix_values[layer]
-        return kb, vb
-
-
-class _SlabLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]
-    """One layer's view of the slab, in the shape transformers' attention modules expect."""
-
-    is_sliding = False
-
-    def __init__(self, slab: KVSlab, index: int) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
-        self.slab, self.index = slab, index
-        self.is_initialized = True
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        return None
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.slab.update(self.index, key_states, value_states)
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
-
-    def get_seq_length(self) -> int:
-        plan = self.slab.plan
-        return 0 if plan is None else plan.col - plan.start
-
-    def get_max_length(self) -> int:
-        return -1
-
-
-class SlabCache(Cache):
-    """A transformers ``Cache`` whose layers read and write the :class:`KVSlab` window."""
-
-    def __init__(self, slab: KVSlab) -> None:
-        super().__init__(layers=[_SlabLayer(slab, i) for i in range(slab.layers)])
-        self.slab = slab

@@ -1,11 +1,10 @@
 """CPU speed-up: linear layers on oneDNN with weights packed once (what torch.compile's freezing
 does for CPU, without compiling).
 
-On this project's 2-core AMD EPYC (Zen 4, AVX-512 with bf16) CPU, a SmolLM2 decode step at
-batch 32 spends ~80 % of its time in ``aten::mm``. The same products through oneDNN with
-prepacked (blocked) weights took 50 ms instead of 84 ms per step in float32 at 32 rows
-(bfloat16: 32 instead of 36 ms); with 1-3 rows the plain path is as fast (memory-bound), so it
-is kept there, and for calls of more than 64 positions (see ``PackedLinear.forward``).
+A CPU decode step is mostly ``aten::mm``; through oneDNN with prepacked (blocked) weights it is
+about a third faster at 32 rows (figures: ``docs/hf-backend.md``). With 1-3 rows the plain path
+is as fast (memory-bound), so it is kept there, and for calls of more than 64 positions (see
+``PackedLinear.forward``).
 Numerics: float32 results differ from ``F.linear`` in the last bits (max ~1e-5 on unit-scale
 outputs), as any two GEMM kernels do.
 

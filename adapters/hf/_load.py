@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
-import inspect
 import os
 import shutil
 import tempfile
@@ -38,7 +37,6 @@ from batcher import InvalidRequest
 
 __all__ = [
     "EMBEDDED_NAME",
-    "cache_keyword",
     "cache_root",
     "check_cache_compatible",
     "cpu_has_fast_bf16",
@@ -167,13 +165,6 @@ def resolve_source(
     kw = {"gguf_file": gguf_file} if gguf_file else {}
     name = Path(gguf_file).stem if gguf_file else path.name if path.is_dir() else str(model)
     return str(model), kw, name
-
-
-def cache_keyword(model: Any) -> str:
-    """The keyword a model's ``forward`` takes its KV cache by: ``cache`` from transformers 5.24
-    on, ``past_key_values`` before (still accepted there, with a deprecation warning)."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 def check_cache_compatible(config: Any) -> None:

@@ -7,9 +7,6 @@ values depend only on those tokens and their positions 0..p-1, so they are compu
 the prompt, attending to the copied prefix. A prompt qualifies only if its token ids really start
 with the prefix ids, so the result is the same computation (in float32 the tests check tokens
 equal solo ``generate``).
-
-(Newcomers used to be left-padded into groups of similar length, one forward call per group; now
-every prompt rides unpadded in the step's one packed call, see ``_attention``.)
 """
 
 from __future__ import annotations

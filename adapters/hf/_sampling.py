@@ -2,8 +2,12 @@
 
 Greedy rows take one ``argmax`` over the whole batch (the common case costs one kernel). Sampling
 rows are filtered together (temperature, then top-k, then top-p over what top-k kept, as
-transformers' warpers do) and drawn by inverse CDF from one uniform number per row, taken from that
-row's own ``torch.Generator``: a seeded request draws the same numbers whatever shares its batch.
+transformers' warpers do, each a per-row tensor in one op) and drawn by inverse CDF from one
+uniform number per row: a seeded row takes it from its own ``torch.Generator`` (it draws the same
+numbers whatever shares its batch), the unseeded rows all at once from the backend's generator.
+Temperatures below ``GREEDY_BELOW`` are greedy: dividing logits by them overflows float32 (and the
+distribution they ask for is the argmax, up to rounding); logits are shifted by their maximum
+before the division, so every larger temperature is safe.
 
 Top-p needs sorted probabilities; sorting a whole vocabulary per row is slow, so rows are sorted
 within their top ``_CANDIDATES`` only, and a row whose nucleus is not complete within them (a very
@@ -16,48 +20,58 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["RowSampler", "sample"]
+__all__ = ["GREEDY_BELOW", "RowSampler", "sample"]
 
 _CANDIDATES = 256
+GREEDY_BELOW = 1e-6
 
 
 class RowSampler:
-    """The sampling parameters of one row, and its generator (seeded, or from fresh entropy)."""
+    """The sampling parameters of one row, and its own generator if it is seeded."""
 
     __slots__ = ("generator", "temperature", "top_k", "top_p")
 
     def __init__(self, *, temperature: float, top_k: int, top_p: float, seed: int | None) -> None:
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
-        self.generator = torch.Generator(device="cpu")
-        if seed is None:
-            self.generator.seed()
-        else:
+        self.generator: torch.Generator | None = None
+        if seed is not None:
+            self.generator = torch.Generator(device="cpu")
             self.generator.manual_seed(seed)
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-    def uniform(self) -> float:
-        return float(torch.rand((), generator=self.generator))
+        return self.temperature < GREEDY_BELOW
 
 
-def sample(logits: torch.Tensor, samplers: Sequence[RowSampler | None]) -> list[int]:
-    """One token per row of ``logits`` ([rows, vocab]); ``None`` (or a greedy sampler) = argmax."""
+def sample(
+    logits: torch.Tensor, samplers: Sequence[RowSampler | None], generator: torch.Generator
+) -> list[int]:
+    """One token per row of ``logits`` ([rows, vocab]); ``None`` (or a greedy sampler) = argmax.
+    Unseeded sampling rows draw from ``generator``."""
     tokens = logits.argmax(dim=-1)
     rows = [i for i, s in enumerate(samplers) if s is not None and not s.greedy]
     if rows:
         chosen = [s for s in samplers if s is not None and not s.greedy]
-        drawn = _draw(logits[rows].float(), chosen)
+        drawn = _draw(logits[rows].float(), chosen, _uniforms(chosen, generator))
         tokens[torch.tensor(rows, device=tokens.device)] = drawn.to(tokens.device)
     return [int(t) for t in tokens.tolist()]
 
 
-def _draw(logits: torch.Tensor, samplers: Sequence[RowSampler]) -> torch.Tensor:
+def _uniforms(samplers: Sequence[RowSampler], generator: torch.Generator) -> torch.Tensor:
+    """One uniform number per row: seeded rows from their own generator, the rest in one draw."""
+    u = torch.rand(len(samplers), generator=generator)
+    for i, s in enumerate(samplers):
+        if s.generator is not None:
+            u[i] = torch.rand((), generator=s.generator)
+    return u
+
+
+def _draw(logits: torch.Tensor, samplers: Sequence[RowSampler], u: torch.Tensor) -> torch.Tensor:
     device = logits.device
     temps = torch.tensor([s.temperature for s in samplers], device=device).unsqueeze(1)
-    probs = torch.softmax(logits / temps, dim=-1)
-    u = torch.tensor([s.uniform() for s in samplers], device=device)
+    shifted = logits - logits.amax(dim=-1, keepdim=True)  # <= 0: no overflow whatever the temperature
+    probs = torch.softmax(shifted / temps, dim=-1)
+    u = u.to(device)
     if all(s.top_k == 0 and s.top_p >= 1.0 for s in samplers):
         return _inverse_cdf(probs, u)
     vocab = probs.shape[-1]

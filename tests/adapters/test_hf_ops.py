@@ -1,0 +1,21 @@
+"""A step's kernels do not grow with its newcomers: attention calls and copies per layer per step,
+counted under a ``TorchDispatchMode`` while waves of 1, 7, 24 and 64 requests join a running batch."""
+
+from __future__ import annotations
+
+from batcher.adapters.hf._backend import HFBackend
+from batcher.adapters.hf._opcount import wave_ops
+
+
+def test_ops_per_layer_per_step_do_not_grow_with_newcomers(tiny: HFBackend) -> None:
+    layers = tiny.model.config.num_hidden_layers
+    steps = wave_ops(tiny, layers, (1, 7, 24, 64))
+    assert [s.newcomers for s in steps] == [1, 0, 7, 0, 24, 0, 64, 0]
+    assert [s.rows for s in steps] == [1, 1, 8, 8, 32, 32, 96, 96]
+    for s in steps:
+        assert s.attention <= 2, s  # decode rows over the slab + every newcomer together
+        assert s.copies <= 8, s
+        assert s.index_writes <= 4, s  # keys, values, and the chat prefix's keys, values
+    by_wave = {s.newcomers: s.total for s in steps if s.newcomers}
+    assert by_wave[64] <= 1.1 * by_wave[7], f"aten ops per layer by newcomers: {by_wave}"
+    assert tiny.live_sequences == 0 and tiny.kv_bytes == 0
