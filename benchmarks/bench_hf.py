@@ -54,11 +54,11 @@ Usage::
 
 from __future__ import annotations
 
-# OpenMP's wait policy is left as the user sets it (torch's default: idle threads spin a while).
-# Measured here on an idle machine: the default is ~25 % faster per step than
-# OMP_WAIT_POLICY=PASSIVE, where every parallel region wakes a sleeping thread; with another busy
-# process on the machine, spinning stalls steps 3-10x. So run this on an idle machine, or set
-# OMP_WAIT_POLICY=PASSIVE (before Python starts) to compare on a busy one. The value is printed.
+import batcher.adapters.hf  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads)
+
+# isort: split
+# OpenMP's wait policy: the HF backend's own (a bounded spin, see adapters/hf/_threads.py) unless
+# OMP_WAIT_POLICY or GOMP_SPINCOUNT is set before Python starts. The values are printed.
 import argparse
 import asyncio
 import concurrent.futures
@@ -573,7 +573,8 @@ async def main(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240
     print(
         f"dtype={args.dtype} device={args.device} torch threads={torch.get_num_threads()} "
-        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} load average={os.getloadavg()}"
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} "
+        f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')} load average={os.getloadavg()}"
     )
     model = args.model or (random_model_dir(args) if args.random_weights else None)
     backend = HFBackend(model, dtype=args.dtype, device=args.device, cuda_graphs=args.cuda_graphs)

@@ -10,6 +10,9 @@ step's time on the device (the SmolLM2 benchmarks) to see whether it matters.
 
 from __future__ import annotations
 
+import batcher.adapters.hf  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads)
+
+# isort: split
 import argparse
 import random
 import statistics
@@ -21,7 +24,7 @@ from batcher.adapters.hf._rows import Row
 from batcher.adapters.hf._sampling import sample
 from transformers import AutoTokenizer
 
-from batcher import SamplingParams
+from batcher.backend import SamplingParams
 
 
 def rows(tok: object, n: int, sampled: bool) -> list[Row]:

@@ -14,6 +14,9 @@ from outside the repository.) Prints steps, tokens, wall time and tokens/s per r
 
 from __future__ import annotations
 
+import batcher.adapters.hf  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads)
+
+# isort: split
 import argparse
 import sys
 import time

@@ -14,6 +14,9 @@ Prints one line per sequence and a summary; exits 1 on any mismatch.
 
 from __future__ import annotations
 
+import batcher.adapters.hf  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads)
+
+# isort: split
 import argparse
 import random
 import sys
@@ -24,7 +27,7 @@ import torch
 from batcher.adapters.hf._backend import HFBackend
 from batcher.adapters.hf._load import embedded_model_dir
 
-from batcher import NewSequence, SamplingParams
+from batcher.backend import NewSequence, SamplingParams
 
 QUESTIONS = [
     "What is the capital of France?",

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from batcher import NewSequence, SamplingParams, StepResult
+from batcher.backend import NewSequence, SamplingParams, StepResult
 
 __all__ = ["OpCounter", "StepOps", "wave_ops"]
 

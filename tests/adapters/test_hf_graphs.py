@@ -10,7 +10,8 @@ import pytest
 from batcher.adapters.hf._backend import HFBackend
 from batcher.adapters.hf._graphs import DecodeGraphs
 
-from batcher import InvalidRequest, NewSequence
+from batcher import InvalidRequest
+from batcher.backend import NewSequence
 
 from .conftest import greedy, run_schedule, solo_greedy
 

@@ -10,7 +10,7 @@ from batcher.adapters.hf._sampling import GREEDY_BELOW, RowSampler, sample
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from batcher import NewSequence, SamplingParams
+from batcher.backend import NewSequence, SamplingParams
 
 from .conftest import run_schedule, solo_greedy
 
