@@ -3,7 +3,9 @@
 Layout (dependencies point to ``batcher``, never back):
     hf/          HFBackend: continuous batching for Hugging Face causal LMs (the [hf] extra)
     server/      the OpenAI-compatible ASGI app (the [server] extra)
-    _cli         the ``llm-batcher`` console script
+    ray/         replicas on Ray Serve: ``llm-batcher serve --replicas N`` (the [ray] extra)
+    tools/       ``llm-batcher bench`` and ``llm-batcher selftest``
+    _cli         the ``llm-batcher`` console script (``main``)
 
 Heavy dependencies load on first use of a name, never on ``import batcher.adapters``.
 """
@@ -14,12 +16,13 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ._cli import main
     from .hf import HFBackend
     from .server import create_app
 
-__all__ = ["HFBackend", "create_app"]
+__all__ = ["HFBackend", "create_app", "main"]
 
-_WHERE = {"HFBackend": (".hf", "hf"), "create_app": (".server", "server")}
+_WHERE = {"HFBackend": (".hf", "hf"), "create_app": (".server", "server"), "main": ("._cli", "server")}
 
 
 def __getattr__(name: str) -> Any:

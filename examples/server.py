@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from batcher.adapters._cli import main
+from batcher.adapters import main
 
 if __name__ == "__main__":
     sys.exit(main(["serve", *sys.argv[1:]]))
