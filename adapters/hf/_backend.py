@@ -37,7 +37,7 @@ from ._load import (
 )
 from ._prefix import chat_prefix, prefix_skip
 from ._rows import Row
-from ._sampling import sample
+from ._sampling import Penalties, sample
 
 __all__ = ["HFBackend"]
 
@@ -112,6 +112,7 @@ class HFBackend:
         self._slab: KVSlab | None = None
         self._graphs: DecodeGraphs | None = None
         self._rows: list[Row] = []
+        self._penalties: Penalties | None = None  # after ``start`` (it needs the vocabulary size)
         self._no_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
         self._prefix: list[int] = []  # the chat-template prefix whose KV is reused
         self.packed_linears = 0
@@ -136,6 +137,7 @@ class HFBackend:
             ) from exc
         self.model = model.to(self.device).eval()
         self.packed_linears = pack_linears(self.model)  # CPU: oneDNN prepacked weights
+        self._penalties = Penalties(self.model.get_output_embeddings().weight.shape[0], self.device)
         text = self.model.config.get_text_config()
         self._slab = KVSlab(
             layers=text.num_hidden_layers,
@@ -248,12 +250,17 @@ class HFBackend:
         plan = self._plan(admit)
         tok, special = self._decode_tokenizer, self._special
         self._rows += [Row.new(a.seq_id, a.prompt_ids, a.params, tok, special) for a in admit]
+        penalties = self._penalties
+        assert penalties is not None
+        penalties.admit(n, [a.prompt_ids for a in admit], [a.params for a in admit])
         logits = self._forward(plan)  # on failure ``step`` resets everything
         slab.end = plan.col + 1
         slab.add_rows([len(a.prompt_ids) for a in admit])
         for r in self._rows[:n]:
             r.position += 1
+        logits = penalties.apply(logits, [r.params for r in self._rows])
         tokens = sample(logits, [r.sampler for r in self._rows], self._generator)
+        penalties.record(tokens)
         outputs = [
             row.advance(t, self._eos, self.max_context) for row, t in zip(self._rows, tokens, strict=True)
         ]
@@ -336,12 +343,18 @@ class HFBackend:
         idx = [i for i, r in enumerate(self._rows) if r.seq_id in seq_ids]
         if not idx:
             return
-        for src, dst in self._slab.remove(idx):
+        moves = self._slab.remove(idx)
+        for src, dst in moves:
             self._rows[dst] = self._rows[src]
         del self._rows[self._slab.rows :]
+        if self._penalties is not None:
+            penalised = any(r.params.penalised for r in self._rows)
+            self._penalties.moved(list(moves), len(self._rows), penalised)
 
     def _reset(self) -> None:
         self._rows.clear()
+        if self._penalties is not None:
+            self._penalties.moved((), 0, any_penalised=False)
         if self._slab is not None:
             self._slab.free()
 
