@@ -83,6 +83,7 @@ def _draw(logits: torch.Tensor, samplers: Sequence[RowSampler], u: torch.Tensor)
     if any(s.min_p > 0.0 for s in samplers):  # min-p: drop tokens below min_p * the top probability
         min_p = torch.tensor([s.min_p for s in samplers], device=device).unsqueeze(1)
         probs = probs * (probs >= min_p * probs.amax(dim=-1, keepdim=True))
+        probs = probs / probs.sum(dim=-1, keepdim=True)  # so top-p still finds its mass in the top
     if all(s.top_k == 0 and s.top_p >= 1.0 for s in samplers):
         return _inverse_cdf(probs, u)
     vocab = probs.shape[-1]
@@ -172,33 +173,41 @@ class Penalties:
         self.counts, self.prompt = self.counts[:rows], self.prompt[:rows]
 
     def apply(self, logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
-        """``logits`` ([rows, vocab], one per live row) with each penalised row's penalties applied."""
+        """``logits`` ([rows, vocab], one per live row) with each penalised row's penalties applied
+        (in place: the step's logits are not used again). Only the penalties some row uses run."""
         if self.counts is None or self.prompt is None:
             return logits
         rows = [i for i, p in enumerate(params) if p.penalised]
         if not rows:
             return logits
         device = logits.device
-        idx = torch.tensor(rows, device=device)
-        chosen = [params[i] for i in rows]
-        sub = logits[idx].float()
-        counts = self.counts[idx]
-        rep = torch.tensor([p.repetition_penalty for p in chosen], device=device).unsqueeze(1)
-        seen = self.prompt[idx] | (counts > 0)
-        penalised = torch.where(sub > 0, sub / rep, sub * rep)
-        sub = torch.where(seen, penalised, sub)
-        freq = torch.tensor([p.frequency_penalty for p in chosen], device=device).unsqueeze(1)
-        pres = torch.tensor([p.presence_penalty for p in chosen], device=device).unsqueeze(1)
-        sub = sub - freq * counts - pres * (counts > 0)
+        every = len(rows) == len(params)  # no gather/scatter when the whole batch is penalised
+        idx = None if every else torch.tensor(rows, device=device)
+        chosen = [params[i] for i in rows] if idx is not None else list(params)
+        sub = (logits if every else logits[idx]).float()  # may be ``logits``: changed in place
+        counts = self.counts if idx is None else self.counts[idx]
+        # Only the seen tokens change (a few hundred of a row's vocabulary): gather them, penalise
+        # the short vector, scatter it back (dense ``where``s over [rows, vocab] cost 10x more).
+        if any(p.repetition_penalty != 1.0 for p in chosen):
+            rep = torch.tensor([p.repetition_penalty for p in chosen], device=device)
+            seen = (counts > 0) | (self.prompt if idx is None else self.prompt[idx])
+            r, c = seen.nonzero(as_tuple=True)
+            v, by = sub[r, c], rep[r]
+            sub[r, c] = torch.where(v > 0, v / by, v * by)
+        if any(p.frequency_penalty or p.presence_penalty for p in chosen):
+            freq = torch.tensor([p.frequency_penalty for p in chosen], device=device)
+            pres = torch.tensor([p.presence_penalty for p in chosen], device=device)
+            r, c = counts.nonzero(as_tuple=True)
+            sub[r, c] -= freq[r] * counts[r, c] + pres[r]
         bias = [(j, t, b) for j, p in enumerate(chosen) for t, b in p.logit_bias if t < self.vocab]
         if bias:
-            r, t, b = zip(*bias, strict=True)
-            sub[torch.tensor(r, device=device), torch.tensor(t, device=device)] += torch.tensor(
-                b, device=device
-            )
-        out = logits.float() if logits.dtype != torch.float32 else logits.clone()
-        out[idx] = sub
-        return out
+            rb, tb, vb = zip(*bias, strict=True)
+            at = (torch.tensor(rb, device=device), torch.tensor(tb, device=device))
+            sub.index_put_(at, torch.tensor(vb, device=device), accumulate=True)
+        if idx is None:
+            return sub
+        logits[idx] = sub.to(logits.dtype)
+        return logits
 
     def record(self, tokens: Sequence[int]) -> None:
         """Count the step's sampled token of every row (one indexed add)."""

@@ -42,7 +42,7 @@ def test_batched_penalties_equal_the_per_row_reference_through_compaction() -> N
     outs: list[list[int]] = [[] for _ in params]
     for step in range(6):
         logits = torch.randn(len(params), vocab)
-        got = pen.apply(logits, params)
+        got = pen.apply(logits.clone(), params)
         for i, p in enumerate(params):
             want = _reference(logits[i], prompts[i], outs[i], p) if p.penalised else logits[i]
             torch.testing.assert_close(got[i], want)
