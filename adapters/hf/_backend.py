@@ -56,6 +56,9 @@ class HFBackend:
     ``kv_memory_gb``, see ``docs/hf-backend.md``). ``model_name``: the metrics label (default: derived
     from the model). ``cuda_graphs``: replay decode-only steps as CUDA graphs per batch-size bucket
     (``_graphs``; CUDA only, refused elsewhere; off by default until measured on a GPU).
+    ``allow_special_tokens``: parse special-token text (``<|im_start|>``...) in prompts and message
+    contents as control tokens; off by default, so a user cannot forge chat turns (trusted callers
+    only).
 
     The tokenizer and config load here (``prepare`` may run before ``start``); the weights load
     in :meth:`start`, on the device thread.
@@ -77,6 +80,7 @@ class HFBackend:
         kv_memory_gb: float | None = None,
         model_name: str | None = None,
         cuda_graphs: bool = False,
+        allow_special_tokens: bool = False,
     ) -> None:
         from transformers import AutoConfig, AutoTokenizer
 
@@ -107,6 +111,11 @@ class HFBackend:
         )
         self._eos = eos_ids(self.config, self.tokenizer, self._source, self._load_kw)
         self._special = frozenset(self.tokenizer.all_special_ids)
+        self.allow_special_tokens = allow_special_tokens
+        decoder = getattr(self.tokenizer, "added_tokens_decoder", {})
+        self._special_texts = tuple(
+            {*self.tokenizer.all_special_tokens, *(t.content for t in decoder.values() if t.special)}
+        )
         self._pad = self._eos_first()
         self.model: Any = None
         self._slab: KVSlab | None = None
@@ -192,18 +201,49 @@ class HFBackend:
         return self._slab
 
     def tokenize(self, prompt: Prompt) -> list[int]:
-        """The token ids ``prepare`` gives ``prompt`` (chat lists through the chat template)."""
+        """The token ids ``prepare`` gives ``prompt`` (chat lists through the chat template). Unless
+        ``allow_special_tokens``, special-token text in the prompt or a message stays literal text."""
         if isinstance(prompt, str):
-            return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+            return self._encode(prompt, add_special_tokens=True)
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequest(
                 f"{self.model_name} has no chat template: send a text prompt instead of messages",
                 field="messages",
             )
-        text = self.tokenizer.apply_chat_template(
-            [dict(m) for m in prompt], add_generation_prompt=True, tokenize=False
-        )
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        messages = [dict(m) for m in prompt]
+        if self.allow_special_tokens or not any(self._has_special(m.get("content", "")) for m in messages):
+            text = self._render(messages)
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return self._render_literal(messages)
+
+    def _render(self, messages: list[dict[str, str]]) -> str:
+        return str(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+
+    def _render_literal(self, messages: list[dict[str, str]]) -> list[int]:
+        """Render the template around placeholders, then tokenize its own text with special tokens
+        parsed and each message's content with them split (so literal)."""
+        marks = [f"\x00{i}\x00" for i in range(len(messages))]
+        text = self._render([m | {"content": mark} for m, mark in zip(messages, marks, strict=True)])
+        ids: list[int] = []
+        for i, (m, mark) in enumerate(zip(messages, marks, strict=True)):
+            head, found, text = text.partition(mark)
+            if not found:  # the template dropped or changed this message: no safe rendering
+                raise InvalidRequest(
+                    f"messages[{i}] contains special-token text and {self.model_name}'s chat "
+                    "template cannot keep it literal: remove the special tokens from it",
+                    field="messages",
+                )
+            ids += self.tokenizer(head, add_special_tokens=False)["input_ids"]
+            ids += self._encode(m.get("content", ""), add_special_tokens=False)
+        return ids + list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _has_special(self, text: str) -> bool:
+        return any(t in text for t in self._special_texts)
+
+    def _encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        literal = not self.allow_special_tokens and self._has_special(text)
+        kw = {"split_special_tokens": True} if literal else {}
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens, **kw)["input_ids"])
 
     # -- prepare ----------------------------------------------------------------------------
     def _prepare_one(self, prompt: Prompt, params: SamplingParams) -> PreparedPrompt | InvalidRequest:
