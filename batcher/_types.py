@@ -148,8 +148,11 @@ def _check_logit_bias(pairs: object) -> None:
             f"logit_bias has {len(pairs)} entries; at most {MAX_LOGIT_BIAS} are allowed", field="logit_bias"
         )
     for token, bias in pairs:
-        _check_int("logit_bias token id", token, low=0, high=(1 << 31) - 1)
-        _check_float("logit_bias value", bias, low=-100.0, high=100.0)
+        try:
+            _check_int("its token id", token, low=0, high=(1 << 31) - 1)
+            _check_float("its bias", bias, low=-100.0, high=100.0)
+        except InvalidRequest as e:
+            raise InvalidRequest(f"logit_bias entry {token!r}: {e}", field="logit_bias") from None
 
 
 def _check_int(name: str, value: object, *, low: int, high: int) -> None:
