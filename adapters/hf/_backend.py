@@ -253,6 +253,13 @@ class HFBackend:
             return exc
         if not ids:
             return InvalidRequest("the prompt tokenizes to nothing: send some text", field="prompt")
+        vocab = len(self.tokenizer)
+        if params.logit_bias and params.logit_bias[-1][0] >= vocab:  # sorted by token id
+            return InvalidRequest(
+                f"logit_bias names token {params.logit_bias[-1][0]}, but {self.model_name}'s "
+                f"vocabulary has {vocab} tokens: use ids in [0, {vocab})",
+                field="logit_bias",
+            )
         limit = self.max_context
         if len(ids) >= limit:
             return PromptTooLong(

@@ -80,7 +80,12 @@ async def test_min_p_one_is_greedy_at_any_temperature(client: openai.AsyncOpenAI
 
 
 async def test_out_of_range_penalties_are_400_naming_the_field(client: openai.AsyncOpenAI) -> None:
-    for name, value in (("presence_penalty", 3), ("frequency_penalty", -2.5), ("logit_bias", {"5": 200})):
+    for name, value in (
+        ("presence_penalty", 3),
+        ("frequency_penalty", -2.5),
+        ("logit_bias", {"5": 200}),
+        ("logit_bias", {"999999": 1}),
+    ):
         with pytest.raises(openai.BadRequestError) as e:
             await complete(client, "x", **{name: value})
         assert name in e.value.message
