@@ -93,6 +93,13 @@ _FLAGS: tuple[tuple[str, Callable[[str], Any], Any, str], ...] = (
         "open connections at most (lowered to fit ulimit -n); at the cap the oldest idle one is closed",
     ),
     ("--docs", bool, False, "serve /docs, /redoc and /openapi.json (behind the key when there is one)"),
+    (
+        "--allow-special-tokens",
+        bool,
+        False,
+        "parse special-token text (<|im_start|>...) in prompts and messages as control tokens "
+        "(trusted callers only: it lets user text forge chat turns)",
+    ),
     ("--fake-step", float, 0.02, "fake backend: seconds per step"),
     ("--fake-step-per-seq", float, 0.001, "fake backend: extra seconds per sequence per step"),
     ("--log-level", str, "info", "uvicorn and server log level"),
@@ -216,6 +223,7 @@ def _settings(parser: argparse.ArgumentParser, args: argparse.Namespace, env: Ma
         max_body_bytes=args.max_body_bytes,
         limits=limits,
         docs=args.docs,
+        allow_special_tokens=args.allow_special_tokens,
         fake_step_s=args.fake_step,
         fake_step_per_seq_s=args.fake_step_per_seq,
         log_level=args.log_level,

@@ -12,11 +12,25 @@ from typing import Any
 
 from ._config import BatchConfig
 from ._errors import InvalidRequest
-from ._types import Prompt, SamplingParams
+from ._types import Prompt, SamplingParams, logit_bias_pairs
 
 __all__ = ["OPTION_FIELDS", "Options", "Parsed", "check_prompt"]
 
-SAMPLING_FIELDS = frozenset({"max_tokens", "temperature", "top_p", "top_k", "seed", "stop"})
+SAMPLING_FIELDS = frozenset(
+    {
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "seed",
+        "stop",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+        "logit_bias",
+    }
+)
 #: The keyword options of ``Batcher.stream`` and ``generate`` (:class:`~batcher.GenerationOptions`).
 OPTION_FIELDS = SAMPLING_FIELDS | {"deadline_s", "priority"}
 
@@ -66,6 +80,11 @@ class Options:
         stop = opts.get("stop")
         opts["stop"] = (stop,) if isinstance(stop, str) else tuple(stop or ())
         opts.setdefault("max_tokens", self.config.default_max_tokens)
+        bias = opts.get("logit_bias")
+        if isinstance(bias, Mapping):
+            opts["logit_bias"] = logit_bias_pairs(bias)
+        elif bias is None:
+            opts.pop("logit_bias", None)
         if isinstance(opts["max_tokens"], int) and opts["max_tokens"] > self.config.max_tokens_limit:
             raise InvalidRequest(
                 f"max_tokens must be <= {self.config.max_tokens_limit} (the "

@@ -48,16 +48,24 @@ class GenerationOptions(TypedDict, total=False):
     """Keyword options of :meth:`Batcher.stream` and :meth:`Batcher.generate`.
 
     Sampling: ``max_tokens``, ``temperature`` (0 = greedy, the default), ``top_p``, ``top_k``
-    (0 = off), ``seed``, ``stop``. Scheduling: ``deadline_s`` (seconds from now; the request fails
-    with :class:`DeadlineExceeded` past it) and ``priority`` (higher runs first; waiting raises it).
+    (0 = off), ``min_p`` (0 = off), ``seed``, ``stop``; penalties ``presence_penalty`` and
+    ``frequency_penalty`` (in [-2, 2], over generated tokens), ``repetition_penalty`` (1 = off,
+    over prompt and generated tokens) and ``logit_bias`` (token id -> bias in [-100, 100]).
+    Scheduling: ``deadline_s`` (seconds from now; the request fails with
+    :class:`DeadlineExceeded` past it) and ``priority`` (higher runs first; waiting raises it).
     """
 
     max_tokens: int
     temperature: float
     top_p: float
     top_k: int
+    min_p: float
     seed: int | None
     stop: str | Sequence[str] | None
+    presence_penalty: float
+    frequency_penalty: float
+    repetition_penalty: float
+    logit_bias: Mapping[int, float] | None
     deadline_s: float | None
     priority: int
 
@@ -77,6 +85,11 @@ class SamplingParams:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), sorted by token id
 
     def __post_init__(self) -> None:
         _check_int("max_tokens", self.max_tokens, low=1, high=_ABSURD_MAX_TOKENS)
@@ -89,10 +102,57 @@ class SamplingParams:
             raise InvalidRequest(f"stop must be non-empty strings, got {self.stop!r}", field="stop")
         if len(self.stop) > 16:
             raise InvalidRequest(f"stop has {len(self.stop)} strings; at most 16 are allowed", field="stop")
+        _check_float("min_p", self.min_p, low=0.0, high=1.0)
+        _check_float("presence_penalty", self.presence_penalty, low=-2.0, high=2.0)
+        _check_float("frequency_penalty", self.frequency_penalty, low=-2.0, high=2.0)
+        _check_float("repetition_penalty", self.repetition_penalty, low=0.0, high=10.0, low_open=True)
+        _check_logit_bias(self.logit_bias)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalised(self) -> bool:
+        """Whether any penalty or logit bias changes this sequence's logits."""
+        return bool(
+            self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+            or self.logit_bias
+        )
+
+
+#: The most entries a ``logit_bias`` may hold (OpenAI's limit).
+MAX_LOGIT_BIAS = 300
+
+
+def logit_bias_pairs(bias: Mapping[Any, Any]) -> tuple[tuple[int, float], ...]:
+    """A ``logit_bias`` mapping (keys: token ids as ints or decimal strings, as JSON sends them)
+    as the sorted pairs :class:`SamplingParams` holds."""
+    pairs = []
+    for key, value in bias.items():
+        if isinstance(key, str) and key.strip().isdigit():
+            key = int(key)
+        if isinstance(key, bool) or not isinstance(key, int):
+            raise InvalidRequest(f"logit_bias keys must be token ids, got {key!r}", field="logit_bias")
+        pairs.append((key, value))
+    return tuple(sorted(pairs))
+
+
+def _check_logit_bias(pairs: object) -> None:
+    if not isinstance(pairs, tuple) or not all(isinstance(p, tuple) and len(p) == 2 for p in pairs):
+        raise InvalidRequest(f"logit_bias must be (token id, bias) pairs, got {pairs!r}", field="logit_bias")
+    if len(pairs) > MAX_LOGIT_BIAS:
+        raise InvalidRequest(
+            f"logit_bias has {len(pairs)} entries; at most {MAX_LOGIT_BIAS} are allowed", field="logit_bias"
+        )
+    for token, bias in pairs:
+        try:
+            _check_int("its token id", token, low=0, high=(1 << 31) - 1)
+            _check_float("its bias", bias, low=-100.0, high=100.0)
+        except InvalidRequest as e:
+            raise InvalidRequest(f"logit_bias entry {token!r}: {e}", field="logit_bias") from None
 
 
 def _check_int(name: str, value: object, *, low: int, high: int) -> None:

@@ -37,7 +37,7 @@ from ._load import (
 )
 from ._prefix import chat_prefix, prefix_skip
 from ._rows import Row
-from ._sampling import sample
+from ._sampling import Penalties, sample
 
 __all__ = ["HFBackend"]
 
@@ -56,6 +56,9 @@ class HFBackend:
     ``kv_memory_gb``, see ``docs/hf-backend.md``). ``model_name``: the metrics label (default: derived
     from the model). ``cuda_graphs``: replay decode-only steps as CUDA graphs per batch-size bucket
     (``_graphs``; CUDA only, refused elsewhere; off by default until measured on a GPU).
+    ``allow_special_tokens``: parse special-token text (``<|im_start|>``...) in prompts and message
+    contents as control tokens; off by default, so a user cannot forge chat turns (trusted callers
+    only).
 
     The tokenizer and config load here (``prepare`` may run before ``start``); the weights load
     in :meth:`start`, on the device thread.
@@ -77,6 +80,7 @@ class HFBackend:
         kv_memory_gb: float | None = None,
         model_name: str | None = None,
         cuda_graphs: bool = False,
+        allow_special_tokens: bool = False,
     ) -> None:
         from transformers import AutoConfig, AutoTokenizer
 
@@ -107,11 +111,17 @@ class HFBackend:
         )
         self._eos = eos_ids(self.config, self.tokenizer, self._source, self._load_kw)
         self._special = frozenset(self.tokenizer.all_special_ids)
+        self.allow_special_tokens = allow_special_tokens
+        decoder = getattr(self.tokenizer, "added_tokens_decoder", {})
+        self._special_texts = tuple(
+            {*self.tokenizer.all_special_tokens, *(t.content for t in decoder.values() if t.special)}
+        )
         self._pad = self._eos_first()
         self.model: Any = None
         self._slab: KVSlab | None = None
         self._graphs: DecodeGraphs | None = None
         self._rows: list[Row] = []
+        self._penalties: Penalties | None = None  # after ``start`` (it needs the vocabulary size)
         self._no_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
         self._prefix: list[int] = []  # the chat-template prefix whose KV is reused
         self.packed_linears = 0
@@ -136,6 +146,7 @@ class HFBackend:
             ) from exc
         self.model = model.to(self.device).eval()
         self.packed_linears = pack_linears(self.model)  # CPU: oneDNN prepacked weights
+        self._penalties = Penalties(self.model.get_output_embeddings().weight.shape[0], self.device)
         text = self.model.config.get_text_config()
         self._slab = KVSlab(
             layers=text.num_hidden_layers,
@@ -190,18 +201,49 @@ class HFBackend:
         return self._slab
 
     def tokenize(self, prompt: Prompt) -> list[int]:
-        """The token ids ``prepare`` gives ``prompt`` (chat lists through the chat template)."""
+        """The token ids ``prepare`` gives ``prompt`` (chat lists through the chat template). Unless
+        ``allow_special_tokens``, special-token text in the prompt or a message stays literal text."""
         if isinstance(prompt, str):
-            return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+            return self._encode(prompt, add_special_tokens=True)
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequest(
                 f"{self.model_name} has no chat template: send a text prompt instead of messages",
                 field="messages",
             )
-        text = self.tokenizer.apply_chat_template(
-            [dict(m) for m in prompt], add_generation_prompt=True, tokenize=False
-        )
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        messages = [dict(m) for m in prompt]
+        if self.allow_special_tokens or not any(self._has_special(m.get("content", "")) for m in messages):
+            text = self._render(messages)
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return self._render_literal(messages)
+
+    def _render(self, messages: list[dict[str, str]]) -> str:
+        return str(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+
+    def _render_literal(self, messages: list[dict[str, str]]) -> list[int]:
+        """Render the template around placeholders, then tokenize its own text with special tokens
+        parsed and each message's content with them split (so literal)."""
+        marks = [f"\x00{i}\x00" for i in range(len(messages))]
+        text = self._render([m | {"content": mark} for m, mark in zip(messages, marks, strict=True)])
+        ids: list[int] = []
+        for i, (m, mark) in enumerate(zip(messages, marks, strict=True)):
+            head, found, text = text.partition(mark)
+            if not found:  # the template dropped or changed this message: no safe rendering
+                raise InvalidRequest(
+                    f"messages[{i}] contains special-token text and {self.model_name}'s chat "
+                    "template cannot keep it literal: remove the special tokens from it",
+                    field="messages",
+                )
+            ids += self.tokenizer(head, add_special_tokens=False)["input_ids"]
+            ids += self._encode(m.get("content", ""), add_special_tokens=False)
+        return ids + list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _has_special(self, text: str) -> bool:
+        return any(t in text for t in self._special_texts)
+
+    def _encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        literal = not self.allow_special_tokens and self._has_special(text)
+        kw = {"split_special_tokens": True} if literal else {}
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens, **kw)["input_ids"])
 
     # -- prepare ----------------------------------------------------------------------------
     def _prepare_one(self, prompt: Prompt, params: SamplingParams) -> PreparedPrompt | InvalidRequest:
@@ -211,6 +253,13 @@ class HFBackend:
             return exc
         if not ids:
             return InvalidRequest("the prompt tokenizes to nothing: send some text", field="prompt")
+        vocab = len(self.tokenizer)
+        if params.logit_bias and params.logit_bias[-1][0] >= vocab:  # sorted by token id
+            return InvalidRequest(
+                f"logit_bias names token {params.logit_bias[-1][0]}, but {self.model_name}'s "
+                f"vocabulary has {vocab} tokens: use ids in [0, {vocab})",
+                field="logit_bias",
+            )
         limit = self.max_context
         if len(ids) >= limit:
             return PromptTooLong(
@@ -248,12 +297,17 @@ class HFBackend:
         plan = self._plan(admit)
         tok, special = self._decode_tokenizer, self._special
         self._rows += [Row.new(a.seq_id, a.prompt_ids, a.params, tok, special) for a in admit]
+        penalties = self._penalties
+        assert penalties is not None
+        penalties.admit(n, [a.prompt_ids for a in admit], [a.params for a in admit])
         logits = self._forward(plan)  # on failure ``step`` resets everything
         slab.end = plan.col + 1
         slab.add_rows([len(a.prompt_ids) for a in admit])
         for r in self._rows[:n]:
             r.position += 1
+        logits = penalties.apply(logits, [r.params for r in self._rows])
         tokens = sample(logits, [r.sampler for r in self._rows], self._generator)
+        penalties.record(tokens)
         outputs = [
             row.advance(t, self._eos, self.max_context) for row, t in zip(self._rows, tokens, strict=True)
         ]
@@ -336,12 +390,18 @@ class HFBackend:
         idx = [i for i, r in enumerate(self._rows) if r.seq_id in seq_ids]
         if not idx:
             return
-        for src, dst in self._slab.remove(idx):
+        moves = self._slab.remove(idx)
+        for src, dst in moves:
             self._rows[dst] = self._rows[src]
         del self._rows[self._slab.rows :]
+        if self._penalties is not None:
+            penalised = any(r.params.penalised for r in self._rows)
+            self._penalties.moved(list(moves), len(self._rows), penalised)
 
     def _reset(self) -> None:
         self._rows.clear()
+        if self._penalties is not None:
+            self._penalties.moved((), 0, any_penalised=False)
         if self._slab is not None:
             self._slab.free()
 

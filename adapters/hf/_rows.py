@@ -47,7 +47,11 @@ class Row:
         sampler = None
         if not params.greedy:
             sampler = RowSampler(
-                temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=params.seed
+                temperature=params.temperature,
+                top_k=params.top_k,
+                top_p=params.top_p,
+                seed=params.seed,
+                min_p=params.min_p,
             )
         detok = Detokenizer(tokenizer, prompt_ids, special)
         return cls(seq_id, params, sampler, detok, StopMatcher(params.stop), position=len(prompt_ids))

@@ -9,6 +9,10 @@ Temperatures below ``GREEDY_BELOW`` are greedy: dividing logits by them overflow
 distribution they ask for is the argmax, up to rounding); logits are shifted by their maximum
 before the division, so every larger temperature is safe.
 
+Min-p (after temperature, before top-k/top-p, as vLLM orders it) keeps the tokens whose
+probability is at least ``min_p`` times the row's top one. Penalties and logit bias change the
+logits before all of this (:class:`Penalties`).
+
 Top-p needs sorted probabilities; sorting a whole vocabulary per row is slow, so rows are sorted
 within their top ``_CANDIDATES`` only, and a row whose nucleus is not complete within them (a very
 flat distribution) falls back to a full sort. The result is exact either way.
@@ -20,7 +24,9 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["GREEDY_BELOW", "RowSampler", "sample"]
+from batcher.backend import SamplingParams
+
+__all__ = ["GREEDY_BELOW", "Penalties", "RowSampler", "sample"]
 
 _CANDIDATES = 256
 GREEDY_BELOW = 1e-6
@@ -29,10 +35,12 @@ GREEDY_BELOW = 1e-6
 class RowSampler:
     """The sampling parameters of one row, and its own generator if it is seeded."""
 
-    __slots__ = ("generator", "temperature", "top_k", "top_p")
+    __slots__ = ("generator", "min_p", "temperature", "top_k", "top_p")
 
-    def __init__(self, *, temperature: float, top_k: int, top_p: float, seed: int | None) -> None:
-        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+    def __init__(
+        self, *, temperature: float, top_k: int, top_p: float, seed: int | None, min_p: float = 0.0
+    ) -> None:
+        self.temperature, self.top_k, self.top_p, self.min_p = temperature, top_k, top_p, min_p
         self.generator: torch.Generator | None = None
         if seed is not None:
             self.generator = torch.Generator(device="cpu")
@@ -72,6 +80,10 @@ def _draw(logits: torch.Tensor, samplers: Sequence[RowSampler], u: torch.Tensor)
     shifted = logits - logits.amax(dim=-1, keepdim=True)  # <= 0: no overflow whatever the temperature
     probs = torch.softmax(shifted / temps, dim=-1)
     u = u.to(device)
+    if any(s.min_p > 0.0 for s in samplers):  # min-p: drop tokens below min_p * the top probability
+        min_p = torch.tensor([s.min_p for s in samplers], device=device).unsqueeze(1)
+        probs = probs * (probs >= min_p * probs.amax(dim=-1, keepdim=True))
+        probs = probs / probs.sum(dim=-1, keepdim=True)  # so top-p still finds its mass in the top
     if all(s.top_k == 0 and s.top_p >= 1.0 for s in samplers):
         return _inverse_cdf(probs, u)
     vocab = probs.shape[-1]
@@ -109,3 +121,97 @@ def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     target = (u * cdf[:, -1]).unsqueeze(1)
     picked = torch.searchsorted(cdf, target, right=True).squeeze(1)
     return picked.clamp_(max=weights.shape[-1] - 1)
+
+
+class Penalties:
+    """Presence, frequency and repetition penalties and logit bias, for the whole batch at once.
+
+    Holds a ``[rows, vocab]`` count of each row's generated tokens and a mask of its prompt tokens,
+    aligned with the backend's rows; they exist only while some live row is penalised, so a batch
+    without penalties pays nothing. Each step is a few batched ops over the penalised rows (their
+    parameters as per-row tensors), as vLLM and transformers define them: repetition divides a
+    positive logit (multiplies a negative one) of every token seen in the prompt or the output;
+    frequency subtracts ``penalty * count``; presence subtracts ``penalty`` once a token appeared.
+    """
+
+    def __init__(self, vocab: int, device: torch.device) -> None:
+        self.vocab, self.device = vocab, device
+        self.counts: torch.Tensor | None = None  # [rows, vocab] float32: generated-token counts
+        self.prompt: torch.Tensor | None = None  # [rows, vocab] bool: tokens of the prompt
+
+    def admit(
+        self, n_before: int, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]
+    ) -> None:
+        """New rows appended after ``n_before`` live ones: start their counts (if any row needs them)."""
+        if self.counts is None and not any(p.penalised for p in params):
+            return
+        rows = n_before + len(prompts)
+        if self.counts is None:
+            self.counts = torch.zeros(rows, self.vocab, device=self.device)
+            self.prompt = torch.zeros(rows, self.vocab, dtype=torch.bool, device=self.device)
+        else:
+            assert self.prompt is not None
+            extra = rows - self.counts.shape[0]
+            self.counts = torch.cat([self.counts, self.counts.new_zeros(extra, self.vocab)])
+            self.prompt = torch.cat([self.prompt, self.prompt.new_zeros(extra, self.vocab)])
+        for i, (ids, p) in enumerate(zip(prompts, params, strict=True)):
+            if p.repetition_penalty != 1.0:  # only repetition looks at the prompt
+                self.prompt[n_before + i, torch.tensor(ids, device=self.device)] = True
+
+    def moved(self, moves: Sequence[tuple[int, int]], rows: int, any_penalised: bool) -> None:
+        """Mirror the backend's row compaction (``src -> dst``, then ``rows`` remain)."""
+        if self.counts is None or self.prompt is None:
+            return
+        if not any_penalised:
+            self.counts = self.prompt = None
+            return
+        if moves:
+            src = torch.tensor([s for s, _ in moves], device=self.device)
+            dst = torch.tensor([d for _, d in moves], device=self.device)
+            self.counts[dst] = self.counts[src]
+            self.prompt[dst] = self.prompt[src]
+        self.counts, self.prompt = self.counts[:rows], self.prompt[:rows]
+
+    def apply(self, logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+        """``logits`` ([rows, vocab], one per live row) with each penalised row's penalties applied
+        (in place: the step's logits are not used again). Only the penalties some row uses run."""
+        if self.counts is None or self.prompt is None:
+            return logits
+        rows = [i for i, p in enumerate(params) if p.penalised]
+        if not rows:
+            return logits
+        device = logits.device
+        every = len(rows) == len(params)  # no gather/scatter when the whole batch is penalised
+        idx = None if every else torch.tensor(rows, device=device)
+        chosen = [params[i] for i in rows] if idx is not None else list(params)
+        sub = (logits if every else logits[idx]).float()  # may be ``logits``: changed in place
+        counts = self.counts if idx is None else self.counts[idx]
+        # Only the seen tokens change (a few hundred of a row's vocabulary): gather them, penalise
+        # the short vector, scatter it back (dense ``where``s over [rows, vocab] cost 10x more).
+        if any(p.repetition_penalty != 1.0 for p in chosen):
+            rep = torch.tensor([p.repetition_penalty for p in chosen], device=device)
+            seen = (counts > 0) | (self.prompt if idx is None else self.prompt[idx])
+            r, c = seen.nonzero(as_tuple=True)
+            v, by = sub[r, c], rep[r]
+            sub[r, c] = torch.where(v > 0, v / by, v * by)
+        if any(p.frequency_penalty or p.presence_penalty for p in chosen):
+            freq = torch.tensor([p.frequency_penalty for p in chosen], device=device)
+            pres = torch.tensor([p.presence_penalty for p in chosen], device=device)
+            r, c = counts.nonzero(as_tuple=True)
+            sub[r, c] -= freq[r] * counts[r, c] + pres[r]
+        bias = [(j, t, b) for j, p in enumerate(chosen) for t, b in p.logit_bias if t < self.vocab]
+        if bias:
+            rb, tb, vb = zip(*bias, strict=True)
+            at = (torch.tensor(rb, device=device), torch.tensor(tb, device=device))
+            sub.index_put_(at, torch.tensor(vb, device=device), accumulate=True)
+        if idx is None:
+            return sub
+        logits[idx] = sub.to(logits.dtype)
+        return logits
+
+    def record(self, tokens: Sequence[int]) -> None:
+        """Count the step's sampled token of every row (one indexed add)."""
+        if self.counts is None:
+            return
+        rows = torch.arange(len(tokens), device=self.device)
+        self.counts[rows, torch.tensor(tokens, device=self.device)] += 1.0

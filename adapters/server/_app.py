@@ -77,7 +77,8 @@ class ServerSettings:
     canonical, the rest aliases; default: the model's own name). ``api_keys``: who may call
     ``/v1/*`` and as which tenant (none: no auth). ``max_prompt_chars`` / ``max_body_bytes``:
     ``None`` derives them from the model's context (see ``_limits``). ``docs``: serve ``/docs``,
-    ``/redoc`` and ``/openapi.json`` (behind the key when there is one).
+    ``/redoc`` and ``/openapi.json`` (behind the key when there is one). ``allow_special_tokens``:
+    parse special-token text in user content as control tokens (trusted callers only).
     """
 
     model: str | None = None
@@ -93,6 +94,7 @@ class ServerSettings:
     max_body_bytes: int | None = None
     limits: ConnectionLimits = field(default_factory=ConnectionLimits)
     docs: bool = False
+    allow_special_tokens: bool = False
     fake_step_s: float = 0.02
     fake_step_per_seq_s: float = 0.001
     log_level: str = "info"
@@ -113,7 +115,13 @@ def make_backend(settings: ServerSettings) -> Any:
         model, name = str(embedded_model_dir()), EMBEDDED_NAME
         log.info("embedded model ready at %s (%.1f s)", model, time.monotonic() - started)
     # dtype "auto" and device "cpu" are HFBackend's defaults.
-    return HFBackend(model, dtype=settings.dtype or "auto", device=settings.device or "cpu", model_name=name)
+    return HFBackend(
+        model,
+        dtype=settings.dtype or "auto",
+        device=settings.device or "cpu",
+        model_name=name,
+        allow_special_tokens=settings.allow_special_tokens,
+    )
 
 
 class ServerState:

@@ -10,7 +10,7 @@ the common vLLM extensions) has one entry here:
   ``neutral`` ones (``null`` always, ``n: 1``, ``frequency_penalty: 0``...) gets a 400 naming it.
 
 A field outside the table is refused too (OpenAI answers "Unrecognized request argument"). Work
-that implements a field (penalties, logprobs, ``n``, JSON mode are planned) flips its entry to
+that implements a field (logprobs, ``n``, JSON mode are planned) flips its entry to
 ``supported`` and adds it to the request model. ``docs/server.md`` renders this table.
 """
 
@@ -66,6 +66,11 @@ FIELDS: dict[str, FieldRule] = {
     "top_k": _supported("extension: sample from the k most likely tokens (0 = off)"),
     "seed": _supported("a seeded request samples the same tokens whatever its batch"),
     "stop": _supported("up to 16 strings, never included in the output"),
+    "presence_penalty": _supported("in [-2, 2]: subtracted once from every token already generated"),
+    "frequency_penalty": _supported("in [-2, 2]: subtracted per occurrence in the generated tokens"),
+    "repetition_penalty": _supported("extension: in (0, 10], 1 = off; over prompt and output tokens"),
+    "logit_bias": _supported("token id -> bias in [-100, 100], at most 300 entries"),
+    "min_p": _supported("extension: in [0, 1]; drop tokens below min_p x the top probability"),
     "stream": _supported("server-sent events, then data: [DONE]"),
     "stream_options": _supported("include_usage; include_obfuscation is ignored"),
     # -- accepted, dropped: they cannot change the text ----------------------------------------
@@ -86,9 +91,6 @@ FIELDS: dict[str, FieldRule] = {
     "suffix": _refused("no insertion (fill-in-the-middle) mode", "", endpoints=_COMPLETIONS),
     "logprobs": _refused("log-probabilities are not computed yet", False),
     "top_logprobs": _refused("log-probabilities are not computed yet", 0, endpoints=_CHAT),
-    "frequency_penalty": _refused("penalties are not implemented yet", 0),
-    "presence_penalty": _refused("penalties are not implemented yet", 0),
-    "logit_bias": _refused("logit bias is not implemented yet", {}),
     "response_format": _refused("only plain text; JSON mode is planned", {"type": "text"}, endpoints=_CHAT),
     "tools": _refused("no tool calling", [], endpoints=_CHAT),
     "tool_choice": _refused("no tool calling", "none", endpoints=_CHAT),
@@ -101,8 +103,6 @@ FIELDS: dict[str, FieldRule] = {
     "web_search_options": _refused("no web search", endpoints=_CHAT),
     "moderation": _refused("no moderation", endpoints=_CHAT),
     # vLLM extensions that clients of vLLM send
-    "repetition_penalty": _refused("penalties are not implemented yet", 1),
-    "min_p": _refused("min-p sampling is not implemented yet", 0),
     "min_tokens": _refused("EOS cannot be suppressed yet", 0),
     "ignore_eos": _refused("EOS cannot be suppressed yet", False),
 }

@@ -53,6 +53,11 @@ class _Common(BaseModel):
     top_k: int | None = Field(None, description="Extension: sample from the k most likely tokens (0 = off).")
     seed: int | None = None
     stop: str | list[str] | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -87,6 +92,11 @@ class _Common(BaseModel):
             "top_k": self.top_k,
             "seed": self.seed,
             "stop": tuple(stop) if stop else None,
+            "min_p": self.min_p,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "repetition_penalty": self.repetition_penalty,
+            "logit_bias": self.logit_bias or None,
         }
         return {k: v for k, v in opts.items() if v is not None}
 

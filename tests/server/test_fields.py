@@ -27,9 +27,6 @@ CHANGING: dict[str, Any] = {
     "suffix": "tail",
     "logprobs": True,
     "top_logprobs": 3,
-    "frequency_penalty": 0.5,
-    "presence_penalty": -0.5,
-    "logit_bias": {"42": 5},
     "response_format": {"type": "json_object"},
     "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
     "tool_choice": "auto",
@@ -41,8 +38,6 @@ CHANGING: dict[str, Any] = {
     "verbosity": "high",
     "web_search_options": {},
     "moderation": {"mode": "on"},
-    "repetition_penalty": 1.2,
-    "min_p": 0.1,
     "min_tokens": 4,
     "ignore_eos": True,
 }
