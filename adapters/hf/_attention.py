@@ -6,9 +6,10 @@ which token belongs to which row. :class:`StepPlan` says so, with index tensors 
 (``_plan``), and :func:`slab_attention`, registered with transformers' ``AttentionInterface`` as
 ``"llm_batcher_slab"``, does per layer: one indexed write of the call's keys/values into the slab,
 one indexed copy of the newcomers' cached prefixes (``_prefix``) into their rows, one attention
-call for the decode rows over the slab window, and one padded attention call for all newcomers together (the design and its
-measurements: ``docs/hf-backend.md``). The plan reaches attention as a keyword argument of the model
-call; without one (``generate`` on ``backend.model``) the function is plain SDPA.
+call for the decode rows over the slab window, and one padded attention call for all newcomers
+together (the design and its measurements: ``docs/hf-backend.md``). The plan reaches attention as
+a keyword argument of the model call; without one (``generate`` on ``backend.model``) the
+function is plain SDPA.
 """
 
 from __future__ import annotations
