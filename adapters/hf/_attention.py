@@ -68,6 +68,7 @@ class StepPlan:
     ids: torch.Tensor
     positions: torch.Tensor
     keep: torch.Tensor
+    cached: int = 0  # prompt tokens copied from the prefix cache
     attended: int = 0  # attention calls seen (the warm-up checks every layer made one)
 
     @property
@@ -244,4 +245,5 @@ def plan_step(
         ids=tok,
         positions=pos,
         keep=keep,
+        cached=len(sources),
     )

@@ -157,6 +157,7 @@ class HFBackend:
             headroom=256 if self.cuda_graphs else 64,  # graphs are recaptured at each relayout
         )
         if self._cache is not None:
+            self._cache.clear()  # a restart: the old pool's keys/values are gone
             self._slab.allocate_pool(self._cache.capacity * _BLOCK)
         self._warm_up()
         self._build_prefix()
@@ -289,7 +290,7 @@ class HFBackend:
         finished = {o.seq_id for o in outputs if o.finish_reason is not None}
         if finished:
             self._remove(finished)
-        return StepResult(outputs, failed, computed_tokens=plan.tokens)
+        return StepResult(outputs, failed, computed_tokens=plan.tokens, cached_tokens=plan.cached)
 
     def _plan(self, admit: Sequence[NewSequence]) -> StepPlan:
         """Lay out the step's packed call: the decode rows' tokens, then each newcomer's prompt

@@ -123,8 +123,10 @@ class PrefixCache:
         self.stats.evictions += 1
 
     def clear(self) -> None:
-        for blk in list(self._lru.values()):
-            self._evict(blk)
+        """Forget every block (the pool was freed); the stats stay."""
+        self._index.clear()
+        self._lru.clear()
+        self._free = list(range(self.capacity - 1, -1, -1))
 
 
 def chat_prefix(tokenizer: Any) -> list[int]:

@@ -111,3 +111,21 @@ def test_the_pool_is_inside_the_kv_budget_and_can_be_turned_off(tiny_dir: Path) 
         assert off.prefix_stats.lookup_tokens == 0 and off.cached_tokens == 0
     finally:
         off.close()
+
+
+async def test_cached_tokens_reach_the_batchers_prometheus_counter(tiny_dir: Path) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from batcher import BatchConfig, Batcher
+
+    backend = HFBackend(str(tiny_dir), dtype="float32", model_name="tiny", prefix_cache=256)
+    reg = CollectorRegistry()
+    system = {"role": "system", "content": "You answer in French, briefly, and politely. " * 4}
+    async with Batcher(backend, BatchConfig(max_batch_size=4), registry=reg) as b:
+        for q in ("Hello?", "Why?", "Where?"):  # one at a time: each reuses the earlier ones' prefix
+            await b.generate([system, {"role": "user", "content": q}], max_tokens=3)
+        text = generate_latest(reg).decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    cached = sum(s.value for s in families["batcher_cached_tokens"].samples if s.name.endswith("_total"))
+    assert cached == backend.prefix_stats.hit_tokens >= 2 * 40
