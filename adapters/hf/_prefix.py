@@ -77,10 +77,6 @@ class PrefixCache:
         for blk in reversed(chain):  # parents end up more recent than their children
             self._lru.move_to_end(blk.uid)
 
-    def peek(self, ids: Sequence[int]) -> int:
-        """How many leading tokens of prompt ``ids`` are cached now (no LRU touch, no stats)."""
-        return len(self._chain(ids, len(ids) - 1)) * self.block
-
     def match(self, ids: Sequence[int]) -> list[int]:
         """The pool slots of the longest cached prefix of prompt ``ids`` (block-aligned, always
         leaving its last token to compute, for its logits); counted in ``stats``."""
