@@ -12,7 +12,7 @@ so that a neighbour's load drifts over both alike; the medians over rounds are r
 
 The machine may be shared: figures are noisy; the A/B is interleaved for that reason.
 
-    .venv/bin/python benchmarks/bench_prefix.py [--rounds 2] [--quick]
+    .venv/bin/python benchmarks/bench_prefix.py [--rounds 2] [--poisson-prompts 16]
 """
 
 from __future__ import annotations
