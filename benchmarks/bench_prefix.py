@@ -100,6 +100,7 @@ async def run_chat(backend: HFBackend, system: str, turns: int, max_tokens: int)
                         ttft = time.perf_counter() - t0
                     text += chunk.text
             out.append((len(backend.tokenize(messages)), ttft))
+            print(f"  chat turn {t + 1:2d}: {out[-1][0]:5d} prompt tokens, TTFT {ttft:.3f} s", flush=True)
             messages.append({"role": "assistant", "content": text})
     return out
 
@@ -127,7 +128,8 @@ async def main(args: argparse.Namespace) -> None:
     med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items() if rs}
     print("medians:", json.dumps(med, indent=1))
     chats = {}
-    for name in ("off", "on"):
+    for name in ("on", "off"):
+        print(f"chat, cache {name}:", flush=True)
         chats[name] = await run_chat(backends[name], system, args.turns, args.chat_tokens)
     print("20-turn chat, TTFT per turn (prompt tokens: cache on s / cache off s):")
     for t, ((n, on), (_, off)) in enumerate(zip(chats["on"], chats["off"], strict=True)):
