@@ -90,13 +90,14 @@ class StepResult:
 
     ``computed_tokens`` counts the token positions the model computed (padding included) and
     ``padding_tokens`` how many of them were padding: the padding-waste metric. Backends that do
-    not pad leave both 0.
+    not pad leave both 0. ``cached_tokens``: prompt tokens served from a prefix cache, not computed.
     """
 
     outputs: list[SeqOutput]
     failed: dict[int, BaseException] = field(default_factory=dict)
     computed_tokens: int = 0
     padding_tokens: int = 0
+    cached_tokens: int = 0
 
 
 @runtime_checkable

@@ -196,6 +196,7 @@ class GenerationEngine(Engine):
             return
         self._last_busy = busy
         self.stats.observe_step(busy, batch, result.computed_tokens, result.padding_tokens)
+        self.stats.cached_tokens += result.cached_tokens
         self.pipeline.deliver(result, asyncio.get_running_loop().time())
 
 

@@ -59,6 +59,7 @@ _COUNTERS = (
     ("batcher_prompt_tokens", "prompt_tokens", "Prompt tokens prefilled."),
     ("batcher_computed_tokens", "computed_tokens", "Token positions computed, padding included."),
     ("batcher_padding_tokens", "padding_tokens", "Token positions computed for padding (waste)."),
+    ("batcher_cached_tokens", "cached_tokens", "Prompt tokens served from the prefix cache."),
     ("batcher_executor_busy_seconds", "busy_seconds", "Seconds the device thread spent in steps."),
 )
 

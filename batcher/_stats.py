@@ -94,6 +94,7 @@ class EngineStats:
     prompt_tokens: int = 0
     computed_tokens: int = 0
     padding_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens a backend's prefix cache served
     busy_seconds: float = 0.0
     steps: int = 0
 

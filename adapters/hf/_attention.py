@@ -5,10 +5,11 @@ reused prefix), unpadded. The linear layers see one ``T``-row product; only atte
 which token belongs to which row. :class:`StepPlan` says so, with index tensors built once per step
 (``_plan``), and :func:`slab_attention`, registered with transformers' ``AttentionInterface`` as
 ``"llm_batcher_slab"``, does per layer: one indexed write of the call's keys/values into the slab,
-one indexed copy of the chat prefix into newcomers' rows, one attention call for the decode rows
-over the slab window, and one padded attention call for all newcomers together (the design and its
-measurements: ``docs/hf-backend.md``). The plan reaches attention as a keyword argument of the model
-call; without one (``generate`` on ``backend.model``) the function is plain SDPA.
+one indexed copy of the newcomers' cached prefixes (``_prefix``) into their rows, one attention
+call for the decode rows over the slab window, and one padded attention call for all newcomers
+together (the design and its measurements: ``docs/hf-backend.md``). The plan reaches attention as
+a keyword argument of the model call; without one (``generate`` on ``backend.model``) the
+function is plain SDPA.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class NewRows:
     tokens from ``n`` on are theirs, token ``i`` going to padded query slot ``(slot_b[i],
     slot_t[i])`` of a ``[m, width_q]`` grid; they attend to the last ``width_k`` columns of the
     window under ``mask`` ``[m, 1, width_q, width_k]``. ``prefix_cells`` (see :func:`cells`) get the
-    chat prefix's columns ``prefix_src``."""
+    prefix cache's pool slots ``prefix_src``."""
 
     row0: int
     m: int
@@ -67,6 +68,7 @@ class StepPlan:
     ids: torch.Tensor
     positions: torch.Tensor
     keep: torch.Tensor
+    cached: int = 0  # prompt tokens copied from the prefix cache
     attended: int = 0  # attention calls seen (the warm-up checks every layer made one)
 
     @property
@@ -113,10 +115,10 @@ class StepPlan:
     ) -> torch.Tensor:
         if news.prefix_cells is not None:
             assert news.prefix_src is not None
-            for dst, src in ((kb, self.slab.prefix_keys), (vb, self.slab.prefix_values)):
-                prefix = src[layer][:, news.prefix_src]  # [kv_heads, cells, dim]
-                dim = dst.shape[-1]
-                dst.view(-1, dim).index_copy_(0, news.prefix_cells, prefix.reshape(-1, dim))
+            cached = self.slab.pool[layer][:, :, news.prefix_src]  # [2, kv_heads, cells, dim]
+            dim = kb.shape[-1]
+            kb.view(-1, dim).index_copy_(0, news.prefix_cells, cached[0].reshape(-1, dim))
+            vb.view(-1, dim).index_copy_(0, news.prefix_cells, cached[1].reshape(-1, dim))
         heads, dim = query.shape[1], query.shape[3]
         q = query.new_zeros(news.m, news.width_q, heads, dim)
         q.index_put_((news.slot_b, news.slot_t), query[0, :, self.n :].transpose(0, 1))
@@ -166,10 +168,17 @@ def cells(rows: torch.Tensor, cols: torch.Tensor, heads: int, capacity: int) -> 
 
 
 def plan_step(
-    slab: KVSlab, n: int, lens: Sequence[int], skips: Sequence[int], ids: list[int], positions: list[int]
+    slab: KVSlab,
+    n: int,
+    lens: Sequence[int],
+    skips: Sequence[int],
+    ids: list[int],
+    positions: list[int],
+    sources: Sequence[int] = (),
 ) -> StepPlan:
     """The plan of a call with ``n`` decode rows then newcomers of prompt lengths ``lens`` (the first
-    ``skips`` tokens of each reused from the chat prefix): every index tensor is built here, with
+    ``skips`` tokens of each copied from the prefix cache's pool slots ``sources``, newcomer after
+    newcomer, ``sum(skips)`` of them): every index tensor is built here, with
     vectorised ops on the host and one transfer to the device, whatever the number of newcomers."""
     col, m = slab.end, len(lens)
     total = torch.tensor(lens, dtype=torch.long)
@@ -180,7 +189,7 @@ def plan_step(
     width_q = int(q.max()) if m else 0
     first = col + 1 - total
     pre_owner = torch.repeat_interleave(torch.arange(m), skip)
-    pre_src = torch.arange(len(pre_owner)) - (skip.cumsum(0) - skip)[pre_owner]
+    pre_pos = torch.arange(len(pre_owner)) - (skip.cumsum(0) - skip)[pre_owner]
     parts = [
         torch.tensor(ids),
         torch.tensor(positions),
@@ -192,8 +201,8 @@ def plan_step(
         first,
         q,
         n + pre_owner,
-        first[pre_owner] + pre_src,
-        pre_src,
+        first[pre_owner] + pre_pos,
+        torch.tensor(list(sources), dtype=torch.long),
     ]
     host = torch.cat(parts)
     dev = host.to(slab.device, non_blocking=True)
@@ -236,4 +245,5 @@ def plan_step(
         ids=tok,
         positions=pos,
         keep=keep,
+        cached=len(sources),
     )

@@ -35,13 +35,14 @@ from ._load import (
     resolve_dtype,
     resolve_source,
 )
-from ._prefix import chat_prefix, prefix_skip
+from ._prefix import PrefixCache, PrefixStats, chat_prefix
 from ._rows import Row
 from ._sampling import Penalties, sample
 
 __all__ = ["HFBackend"]
 
 _GIB = 1 << 30
+_BLOCK = 8  # prefix cache block, tokens (``_prefix``)
 
 
 class HFBackend:
@@ -65,7 +66,9 @@ class HFBackend:
 
     Attributes: ``model_name``; ``max_context`` (tokens: the model's position limit, or the
     tokenizer's if smaller); ``max_batch_tokens`` (the KV budget the scheduler reserves against,
-    see ``docs/hf-backend.md``); ``kv_bytes_per_token``; ``dtype``; ``device``; ``tokenizer``; ``model``
+    see ``docs/hf-backend.md``); ``prefix_cache_tokens`` (the prefix cache's pool, 0 when off:
+    ``prefix_cache=True`` gives it a quarter of the KV memory, an int that many tokens, ``False``
+    turns it off); ``kv_bytes_per_token``; ``dtype``; ``device``; ``tokenizer``; ``model``
     (after ``start``).
     """
 
@@ -81,6 +84,7 @@ class HFBackend:
         model_name: str | None = None,
         cuda_graphs: bool = False,
         allow_special_tokens: bool = False,
+        prefix_cache: bool | int = True,
     ) -> None:
         from transformers import AutoConfig, AutoTokenizer
 
@@ -106,9 +110,17 @@ class HFBackend:
         self.max_context = max_context(text, self.tokenizer)
         self.kv_bytes_per_token = kv_bytes_per_token(text, self.dtype)
         self.kv_memory_bytes = int((kv_memory_gb or default_kv_gb(self.device)) * _GIB)
-        self.max_batch_tokens = max_batch_tokens or max(
-            1, self.kv_memory_bytes // (2 * self.kv_bytes_per_token)
+        self.prefix_cache_tokens = prefix_cache_tokens(
+            prefix_cache, self.kv_memory_bytes // (4 * self.kv_bytes_per_token)
         )
+        pool_bytes = self.prefix_cache_tokens * self.kv_bytes_per_token  # inside the KV memory
+        self.max_batch_tokens = max_batch_tokens or max(
+            1, (self.kv_memory_bytes - pool_bytes) // (2 * self.kv_bytes_per_token)
+        )
+        self._cache: PrefixCache | None = None
+        if self.prefix_cache_tokens:
+            self._cache = PrefixCache(self.prefix_cache_tokens // _BLOCK, _BLOCK)
+        self._tokens: dict[int, list[int]] = {}  # each live sequence's prompt + generated ids
         self._eos = eos_ids(self.config, self.tokenizer, self._source, self._load_kw)
         self._special = frozenset(self.tokenizer.all_special_ids)
         self.allow_special_tokens = allow_special_tokens
@@ -123,7 +135,6 @@ class HFBackend:
         self._rows: list[Row] = []
         self._penalties: Penalties | None = None  # after ``start`` (it needs the vocabulary size)
         self._no_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
-        self._prefix: list[int] = []  # the chat-template prefix whose KV is reused
         self.packed_linears = 0
         self._generator = torch.Generator()  # unseeded sampling rows draw from it
         self._generator.seed()  # from fresh entropy
@@ -156,6 +167,9 @@ class HFBackend:
             device=self.device,
             headroom=256 if self.cuda_graphs else 64,  # graphs are recaptured at each relayout
         )
+        if self._cache is not None:
+            self._cache.clear()  # a restart: the old pool's keys/values are gone
+            self._slab.allocate_pool(self._cache.capacity * _BLOCK)
         self._warm_up()
         self._build_prefix()
         if self.cuda_graphs:
@@ -195,6 +209,16 @@ class HFBackend:
     def kv_bytes(self) -> int:
         """Bytes the KV slab holds now (0 when the batch is empty)."""
         return self._slab.nbytes() if self._slab is not None else 0
+
+    @property
+    def prefix_stats(self) -> PrefixStats:
+        """The prefix cache's running totals (all zero when it is off)."""
+        return self._cache.stats if self._cache is not None else PrefixStats()
+
+    @property
+    def cached_tokens(self) -> int:
+        """Tokens the prefix cache holds now."""
+        return self._cache.cached_tokens if self._cache is not None else 0
 
     @property
     def slab(self) -> KVSlab | None:
@@ -303,6 +327,9 @@ class HFBackend:
         logits = self._forward(plan)  # on failure ``step`` resets everything
         slab.end = plan.col + 1
         slab.add_rows([len(a.prompt_ids) for a in admit])
+        if self._cache is not None:
+            self._tokens.update((a.seq_id, list(a.prompt_ids)) for a in admit)
+            self._store_rows(range(n, n + len(admit)))
         for r in self._rows[:n]:
             r.position += 1
         logits = penalties.apply(logits, [r.params for r in self._rows])
@@ -311,10 +338,13 @@ class HFBackend:
         outputs = [
             row.advance(t, self._eos, self.max_context) for row, t in zip(self._rows, tokens, strict=True)
         ]
+        if self._cache is not None:
+            for o in outputs:
+                self._tokens[o.seq_id] += o.token_ids
         finished = {o.seq_id for o in outputs if o.finish_reason is not None}
         if finished:
             self._remove(finished)
-        return StepResult(outputs, failed, computed_tokens=plan.tokens)
+        return StepResult(outputs, failed, computed_tokens=plan.tokens, cached_tokens=plan.cached)
 
     def _plan(self, admit: Sequence[NewSequence]) -> StepPlan:
         """Lay out the step's packed call: the decode rows' tokens, then each newcomer's prompt
@@ -324,13 +354,16 @@ class HFBackend:
         n = len(self._rows)
         if n:
             slab.valid[:n, slab.end] = True
-        skips = [prefix_skip(a.prompt_ids, self._prefix) for a in admit]
+        cache = self._cache
+        hits = [cache.match(a.prompt_ids) if cache is not None else [] for a in admit]
+        skips = [len(h) * _BLOCK for h in hits]
+        sources = [slot * _BLOCK + i for h in hits for slot in h for i in range(_BLOCK)]
         ids = [r.last for r in self._rows]
         pos = [r.position for r in self._rows]
         for a, skip in zip(admit, skips, strict=True):
             ids += a.prompt_ids[skip:]
             pos += range(skip, len(a.prompt_ids))
-        return plan_step(slab, n, [len(a.prompt_ids) for a in admit], skips, ids, pos)
+        return plan_step(slab, n, [len(a.prompt_ids) for a in admit], skips, ids, pos, sources)
 
     def _forward(self, plan: StepPlan) -> torch.Tensor:
         """Run the packed call of ``plan`` (see ``_plan``); the logits of each row's last token.
@@ -369,27 +402,39 @@ class HFBackend:
         return False
 
     def _build_prefix(self) -> None:
-        """Compute the keys/values of the chat template's fixed prefix once (``_prefix``)."""
-        slab = self._slab
-        assert slab is not None
+        """Put the chat template's fixed prefix into the prefix cache (a system prompt every chat
+        prompt starts with)."""
         prefix = chat_prefix(self._decode_tokenizer)  # the device thread's own tokenizer
-        if not prefix:
-            return
-        p = len(prefix)
-        slab.reserve(new_rows=1, left=p - 1, right=1)
-        with torch.inference_mode():
-            self._forward(self._plan([NewSequence(-1, prefix, SamplingParams(max_tokens=1))]))
-        cols = slice(slab.end + 1 - p, slab.end + 1)
-        slab.prefix_keys = [k[0, :, cols].clone() for k in slab.keys]
-        slab.prefix_values = [v[0, :, cols].clone() for v in slab.values]
-        slab.free()
-        self._prefix = prefix
+        if prefix and self._cache is not None:
+            with torch.inference_mode():
+                self._step([NewSequence(-1, [*prefix, self._pad], SamplingParams(max_tokens=1))], ())
+
+    def _store_rows(self, rows: Sequence[int]) -> None:
+        """Index the new full blocks of ``rows``' tokens (those whose keys/values are in the
+        slab: the prompt and every generated token but the last) and copy them into the pool."""
+        assert self._slab is not None and self._cache is not None
+        slab, block = self._slab, _BLOCK
+        src_rows: list[int] = []
+        src_cols: list[int] = []
+        slots: list[int] = []
+        for r in rows:
+            first = slab.first[r]
+            ids = self._tokens[self._rows[r].seq_id][: slab.end - first]
+            for pos, slot in self._cache.insert(ids):
+                src_rows += [r] * block
+                src_cols += range(first + pos, first + pos + block)
+                slots += range(slot * block, slot * block + block)
+        slab.store(src_rows, src_cols, slots)
 
     def _remove(self, seq_ids: set[int]) -> None:
         assert self._slab is not None
         idx = [i for i, r in enumerate(self._rows) if r.seq_id in seq_ids]
         if not idx:
             return
+        if self._cache is not None:
+            self._store_rows(idx)  # finished or cancelled turns: their tokens so far
+            for i in idx:
+                del self._tokens[self._rows[i].seq_id]
         moves = self._slab.remove(idx)
         for src, dst in moves:
             self._rows[dst] = self._rows[src]
@@ -402,6 +447,7 @@ class HFBackend:
         self._rows.clear()
         if self._penalties is not None:
             self._penalties.moved((), 0, any_penalised=False)
+        self._tokens.clear()
         if self._slab is not None:
             self._slab.free()
 
@@ -435,3 +481,9 @@ class HFBackend:
 
 
 # -- helpers ------------------------------------------------------------------------------------
+
+
+def prefix_cache_tokens(setting: bool | int, default: int) -> int:
+    """The prefix cache's pool in tokens (whole blocks) for ``prefix_cache=setting``."""
+    tokens = default if setting is True else int(setting)
+    return max(0, tokens) // _BLOCK * _BLOCK

@@ -60,9 +60,9 @@ class KVSlab:
         self.end = 0  # next column to write
         self.first: list[int] = []  # first real column of each live row
         self.relayouts = 0  # how many times the slab was reallocated (for tests)
-        # The shared chat-template prefix, per layer [kv_heads, p, head_dim].
-        self.prefix_keys: list[torch.Tensor] = []
-        self.prefix_values: list[torch.Tensor] = []
+        # The prefix cache's pool (``_prefix``), per layer [2 (keys, values), kv_heads, slots,
+        # head_dim]; it outlives the slab (``free`` keeps it).
+        self.pool: list[torch.Tensor] = []
 
     # -- sizes ----------------------------------------------------------------------------
     @property
@@ -79,6 +79,31 @@ class KVSlab:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    @property
+    def pool_slots(self) -> int:
+        return self.pool[0].shape[2] if self.pool else 0
+
+    def allocate_pool(self, slots: int) -> None:
+        """Allocate the prefix cache's pool of ``slots`` token slots per layer (``_prefix``)."""
+        shape = (2, self.kv_heads, slots, self.head_dim)
+        self.pool = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
+
+    def store(self, rows: Sequence[int], cols: Sequence[int], slots: Sequence[int]) -> None:
+        """Copy the keys/values of slab cells ``(rows[i], cols[i])`` into pool slots ``slots[i]``:
+        per layer one gather of keys and values and one indexed write, whatever the count."""
+        if not slots:
+            return
+        host = torch.tensor([list(rows), list(cols), list(slots)], dtype=torch.long)
+        r, c, s = host.to(self.device, non_blocking=True)
+        h = torch.arange(self.kv_heads, device=self.device).unsqueeze(1)
+        src = ((r.unsqueeze(0) * self.kv_heads + h) * self.col_capacity + c.unsqueeze(0)).reshape(-1)
+        dst = (h * self.pool_slots + s.unsqueeze(0)).reshape(-1)
+        dst = torch.cat([dst, dst + self.kv_heads * self.pool_slots])  # keys, then values
+        dim = self.head_dim
+        for kb, vb, pool in zip(self.keys, self.values, self.pool, strict=True):
+            kv = torch.cat([kb.view(-1, dim).index_select(0, src), vb.view(-1, dim).index_select(0, src)])
+            pool.view(-1, dim).index_copy_(0, dst, kv)
 
     # -- layout ---------------------------------------------------------------------------
     def reserve(self, *, new_rows: int, left: int, right: int) -> None:

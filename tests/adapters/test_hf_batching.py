@@ -10,6 +10,7 @@ import psutil
 import pytest
 import torch
 from batcher.adapters.hf._backend import HFBackend
+from batcher.adapters.hf._prefix import chat_prefix
 
 from batcher import InvalidRequest
 from batcher.backend import NewSequence, SamplingParams
@@ -92,7 +93,7 @@ def test_computed_tokens_are_the_packed_positions_with_no_padding(tiny: HFBacken
 
 
 def test_chat_prompts_reuse_the_template_prefix_and_match_solo_generate(tiny: HFBackend) -> None:
-    prefix = tiny._prefix
+    prefix = chat_prefix(tiny.tokenizer)  # put into the prefix cache at start
     assert len(prefix) >= 4
     chats = [[{"role": "user", "content": "word " * n}] for n in (1, 9, 30, 4)]
     ids = [tiny.tokenize(c) for c in chats]

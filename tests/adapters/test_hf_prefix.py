@@ -1,0 +1,131 @@
+"""The prefix cache (``_prefix``): its block index alone, then on the tiny random Llama (mechanics:
+hits, evictions, generated turns, the budget, the off switch), then on the real SmolLM2 in float32
+(cached == uncached == solo ``generate`` token for token, with arrivals, cancellations and
+evictions in between)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+from batcher.adapters.hf._backend import HFBackend
+from batcher.adapters.hf._prefix import PrefixCache
+
+from batcher.backend import NewSequence
+
+from .conftest import greedy, run_schedule, solo_greedy
+
+# -- the index alone ---------------------------------------------------------------------------
+
+
+def test_index_matches_whole_blocks_of_a_shared_prefix_only() -> None:
+    cache = PrefixCache(capacity=8, block=4)
+    new = cache.insert(list(range(10)))  # two full blocks; tokens 8, 9 are not a block
+    assert [pos for pos, _ in new] == [0, 4]
+    assert cache.match([*range(8), 99, 98]) == [slot for _, slot in new]
+    assert cache.match([*range(4), 99, 5, 6, 7, 8]) == [new[0][1]]  # diverges in block 2
+    assert cache.match([1, 0, 2, 3, 4, 5, 6, 7, 8]) == []  # the chain starts at token 0
+    assert cache.match(list(range(8))) == [new[0][1]]  # the last token is always computed
+    assert cache.insert(list(range(8))) == []  # already there
+    assert cache.stats.hit_tokens == 8 + 4 + 0 + 4 and cache.stats.lookup_tokens == 10 + 9 + 9 + 8
+
+
+def test_index_evicts_least_recently_used_leaves_within_its_capacity() -> None:
+    cache = PrefixCache(capacity=3, block=2)
+    a = cache.insert([1, 2, 3, 4])  # chain a: 2 blocks
+    b = cache.insert([1, 2, 5, 6])  # shares a's first block: 1 new block
+    assert len(a) == 2 and len(b) == 1 and cache.cached_tokens == 6
+    cache.match([1, 2, 3, 4, 0])  # a is now more recent than b
+    c = cache.insert([7, 8])  # full: evicts b's leaf, never a's root block
+    assert len(c) == 1 and cache.stats.evictions == 1 and cache.cached_tokens == 6
+    assert len(cache.match([1, 2, 5, 6, 0])) == 1
+    assert len(cache.match([1, 2, 3, 4, 0])) == 2
+    long = cache.insert(list(range(100, 120)))  # longer than the pool: stops, keeps its own chain
+    assert 1 <= len(long) <= 3 and cache.cached_tokens <= 6
+
+
+# -- the tiny random Llama ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_small_cache(tiny_dir: Path) -> Iterator[HFBackend]:
+    backend = HFBackend(str(tiny_dir), dtype="float32", model_name="tiny", prefix_cache=64)
+    backend.start()
+    yield backend
+    backend.close()
+
+
+def _prompt(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(300, 40_000) for _ in range(n)]
+
+
+def _check_against_solo(backend: HFBackend, seqs: Sequence[NewSequence], results: dict) -> None:  # type: ignore[type-arg]
+    for s in seqs:
+        want = solo_greedy(backend, s.prompt_ids, s.params.max_tokens)
+        got = results[s.seq_id].tokens
+        assert got == want[: len(got)], s.seq_id  # a cancelled sequence: a prefix of its solo run
+
+
+def test_shared_prefixes_hit_and_match_solo_generate_with_evictions(tiny_small_cache: HFBackend) -> None:
+    be, rng = tiny_small_cache, random.Random(5)
+    system = _prompt(rng, 30)
+    seqs = [NewSequence(100 + i, system + _prompt(rng, rng.randrange(1, 12)), greedy(10)) for i in range(8)]
+    before = be.prefix_stats.hit_tokens, be.prefix_stats.evictions
+    results, steps = run_schedule(be, {0: seqs[:1], 1: seqs[1:3], 4: seqs[3:6], 6: seqs[6:]}, {5: [104]})
+    _check_against_solo(be, seqs, results)
+    assert be.prefix_stats.hit_tokens - before[0] >= 7 * 24  # 3 blocks of the system prompt each
+    assert steps[1].computed_tokens < sum(len(s.prompt_ids) for s in seqs[1:3])
+    assert be.prefix_stats.evictions > before[1]  # 64 tokens of pool: the turns pushed blocks out
+    assert be.cached_tokens <= 64
+
+
+def test_turn_k_plus_1_reuses_turn_k_and_its_answer(tiny_small_cache: HFBackend) -> None:
+    be, rng = tiny_small_cache, random.Random(6)
+    history = _prompt(rng, 12)
+    for turn in range(4):
+        seq = NewSequence(200 + turn, history, greedy(9))
+        hits = be.prefix_stats.hit_tokens
+        results, steps = run_schedule(be, {0: [seq]})
+        assert results[seq.seq_id].tokens == solo_greedy(be, history, 9)
+        if turn:  # the previous prompt and all but the last generated token were cached
+            assert be.prefix_stats.hit_tokens - hits >= (len(history) - 1) // 8 * 8 - 16
+            assert steps[0].computed_tokens <= len(history) - (len(history) - 1) // 8 * 8 + 16
+        history = history + results[seq.seq_id].tokens + _prompt(rng, 3)
+
+
+def test_the_pool_is_inside_the_kv_budget_and_can_be_turned_off(tiny_dir: Path) -> None:
+    on = HFBackend(str(tiny_dir), dtype="float32", kv_memory_gb=0.01, prefix_cache=True)
+    off = HFBackend(str(tiny_dir), dtype="float32", kv_memory_gb=0.01, prefix_cache=False)
+    assert on.prefix_cache_tokens > 0 and off.prefix_cache_tokens == 0
+    pool = on.prefix_cache_tokens * on.kv_bytes_per_token
+    assert on.max_batch_tokens == (on.kv_memory_bytes - pool) // (2 * on.kv_bytes_per_token)
+    assert off.max_batch_tokens == off.kv_memory_bytes // (2 * off.kv_bytes_per_token)
+    off.start()
+    try:
+        ids = list(range(1000, 1040))
+        for k in range(2):  # the same prompt twice: computed in full both times
+            _, steps = run_schedule(off, {0: [NewSequence(k, ids, greedy(2))]})
+            assert steps[0].computed_tokens == 40
+        assert off.prefix_stats.lookup_tokens == 0 and off.cached_tokens == 0
+    finally:
+        off.close()
+
+
+async def test_cached_tokens_reach_the_batchers_prometheus_counter(tiny_dir: Path) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from batcher import BatchConfig, Batcher
+
+    backend = HFBackend(str(tiny_dir), dtype="float32", model_name="tiny", prefix_cache=256)
+    reg = CollectorRegistry()
+    system = {"role": "system", "content": "You answer in French, briefly, and politely. " * 4}
+    async with Batcher(backend, BatchConfig(max_batch_size=4), registry=reg) as b:
+        for q in ("Hello?", "Why?", "Where?"):  # one at a time: each reuses the earlier ones' prefix
+            await b.generate([system, {"role": "user", "content": q}], max_tokens=3)
+        text = generate_latest(reg).decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    cached = sum(s.value for s in families["batcher_cached_tokens"].samples if s.name.endswith("_total"))
+    assert cached == backend.prefix_stats.hit_tokens >= 2 * 40
