@@ -12,6 +12,7 @@ Layout (a module imports only modules below it; ``batcher`` never imports torch 
     _stream       TokenStream: the chunks of one request (generate() drains one)
     _continuous   GenerationEngine: one device's prepare task (host thread) and step loop
     _pipeline     one engine's requests by stage: admit → prepare → queue → run → end
+    _faults       a failed step split in halves until the request to blame fails alone; OOM
     _request      GenRequest: one request's stage, deadline and bounded mailbox
     _admission    the gate both kinds of request pass: open, max_queue, retry-after, least loaded
     _options      validation of a generation call's prompt and options

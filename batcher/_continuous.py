@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ._backend import GenerationBackend, NewSequence, PrepareRequest, StepResult
 from ._config import BatchConfig
@@ -39,13 +39,26 @@ _Step = tuple["asyncio.Future[tuple[StepResult, float]]", int]
 class GenerationEngine(Engine):
     """Continuous batching on one device (see module doc)."""
 
-    def __init__(self, index: int, backend: GenerationBackend, config: BatchConfig, drain: DrainRate) -> None:
+    def __init__(
+        self,
+        index: int,
+        backend: GenerationBackend,
+        config: BatchConfig,
+        drain: DrainRate,
+        new_id: Callable[[], int],
+    ) -> None:
         super().__init__(index, config)
         self.backend = backend
         self.host = WorkerThread(f"batcher-host-{index}")
         limits = [x for x in (config.max_batch_tokens, getattr(backend, "max_batch_tokens", None)) if x]
         self.pipeline = Pipeline(
-            config, min(limits) if limits else None, self.stats, drain, wake=self._wake, idle=self._idle.set
+            config,
+            min(limits) if limits else None,
+            self.stats,
+            drain,
+            wake=self._wake,
+            idle=self._idle.set,
+            new_id=new_id,
         )
         self._to_prepare: list[GenRequest] = []
         self._prepare_wakeup = Wakeup()
@@ -153,8 +166,9 @@ class GenerationEngine(Engine):
                 await self._sleep_until_woken(loop.time() + self.config.batch_window_s + 0.001)
 
     def _max_in_flight(self) -> int:
-        """Two steps on the device thread at once when steps are very short, else one."""
-        return 2 if self._last_busy < _PIPELINE_BELOW_S else 1
+        """Two steps on the device thread at once when steps are very short, else one (and one
+        while a failed step's suspects are probed: each probe must see the last one's outcome)."""
+        return 2 if self._last_busy < _PIPELINE_BELOW_S and not self.pipeline.isolating else 1
 
     async def _next_step(self, in_flight: int) -> _Step | None:
         """Plan the next step and send it to the device thread; None if it would do nothing."""
@@ -192,7 +206,7 @@ class GenerationEngine(Engine):
         try:
             result, busy = await result_future
         except Exception as e:
-            self.pipeline.fail_running(e, batch)
+            self.pipeline.fail_step(e)
             return
         self._last_busy = busy
         self.stats.observe_step(busy, batch, result.computed_tokens, result.padding_tokens)

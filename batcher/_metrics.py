@@ -60,6 +60,7 @@ _COUNTERS = (
     ("batcher_computed_tokens", "computed_tokens", "Token positions computed, padding included."),
     ("batcher_padding_tokens", "padding_tokens", "Token positions computed for padding (waste)."),
     ("batcher_executor_busy_seconds", "busy_seconds", "Seconds the device thread spent in steps."),
+    ("batcher_step_splits", "step_splits", "Failed steps retried on smaller batches (fault isolation)."),
 )
 
 

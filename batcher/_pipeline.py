@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import replace
 
 from ._backend import NewSequence, PreparedPrompt, StepResult
 from ._config import BatchConfig
 from ._errors import InvalidRequest, PromptTooLong, failed
+from ._faults import Isolation, out_of_memory
 from ._request import RUNNING, WAITING, GenRequest, Stage
 from ._scheduler import plan
 from ._stats import DrainRate, EngineStats
@@ -36,10 +38,13 @@ class Pipeline:
         *,
         wake: Callable[[], None],
         idle: Callable[[], None],
+        new_id: Callable[[], int],
     ) -> None:
-        """``wake`` tells the engine a step has work; ``idle`` that no request is left."""
+        """``wake`` tells the engine a step has work; ``idle`` that no request is left; ``new_id``
+        gives a fresh sequence id (unique per batcher) to a request resumed after a fault."""
         self.config = config
         self.token_budget = token_budget
+        self.batch_cap = config.max_batch_size  # halved by each out-of-memory step
         self.stats = stats
         self._drain = drain
         self._wake_engine = wake
@@ -50,6 +55,8 @@ class Pipeline:
         self._preparing, self._waiting, self._running = self._at
         self._reserved = 0  # KV tokens the running sequences reserved
         self._drop: list[int] = []  # ended on the loop; the backend frees them at the next step
+        self._new_id = new_id
+        self._isolation = Isolation()
 
     # -- derived counts -----------------------------------------------------------------------
     @property
@@ -75,6 +82,11 @@ class Pipeline:
     @property
     def has_drops(self) -> bool:
         return bool(self._drop)
+
+    @property
+    def isolating(self) -> bool:
+        """Whether a failed step's suspects are being probed (one step at a time, then)."""
+        return self._isolation.active
 
     @property
     def has_step_work(self) -> bool:
@@ -128,9 +140,10 @@ class Pipeline:
     def plan(self, now: float) -> list[NewSequence]:
         """Ask the scheduler which waiting requests join the next step; expire the late ones."""
         free_tokens = None if self.token_budget is None else self.token_budget - self._reserved
+        isolating = self._isolation.active
         admit, expired, _ = plan(
-            list(self._waiting.values()),
-            free_slots=self.config.max_batch_size - len(self._running),
+            self._isolation.next_group() if isolating else list(self._waiting.values()),
+            free_slots=self.batch_cap - len(self._running),
             free_tokens=free_tokens,
             now=now,
             aging_s=self.config.priority_aging_s,
@@ -144,7 +157,9 @@ class Pipeline:
             stats.queue_wait.observe(now - r.arrival)
             stats.prompt_tokens += len(r.prompt_ids)
         self._drain.record(now, len(admit))
-        return [NewSequence(r.seq_id, r.prompt_ids, r.params) for r in admit]
+        if isolating:
+            self._isolation.probing(admit)
+        return [_sequence(r) for r in admit]
 
     def take_drops(self) -> list[int]:
         drop, self._drop = self._drop, []
@@ -162,6 +177,7 @@ class Pipeline:
         running = self._running
         stats = self.stats
         generated = 0
+        self._isolation.passed()
         for out in result.outputs:
             r = running.get(out.seq_id)
             if r is None:
@@ -198,11 +214,41 @@ class Pipeline:
                 self._release(r)
                 r.finish("failed", error=failed("the backend failed this sequence", err))
 
-    def fail_running(self, cause: BaseException, batch: int) -> None:
-        """A whole step raised: fail its sequences, drop them at the next step, keep serving."""
-        error = failed(f"the backend failed a step of {batch} sequences; the engine goes on", cause)
-        for r in list(self._running.values()):
-            r.finish("failed", error=error)
+    def fail_step(self, cause: BaseException) -> None:
+        """A whole step raised: every running sequence goes back to the queue to resume, but the
+        one to blame, if found, which fails alone (see :mod:`batcher._faults`)."""
+        lost = list(self._running.values())
+        if not lost:
+            return
+        if len(lost) == 1:
+            culprit: GenRequest | None = lost[0]
+        elif out_of_memory(cause):
+            culprit = None
+            self._shrink(len(lost))
+            self._isolation.forget_probe()
+        else:
+            culprit = self._isolation.blame(lost)
+        if culprit is None:
+            self.stats.step_splits += 1
+        waiting = dict(self._waiting)  # the resumed go first: they are the oldest
+        self._waiting.clear()
+        for r in lost:
+            self._release(r)
+            self._drop.append(r.seq_id)  # whatever the backend still holds of it
+            if r is culprit:
+                r.finish("failed", error=_blamed(cause, oom=out_of_memory(cause)))
+            else:
+                r.seq_id, r.stage = self._new_id(), WAITING
+                self._waiting[r.seq_id] = r
+        self._waiting.update(waiting)
+        self._wake_engine()
+
+    def _shrink(self, batch: int) -> None:
+        """Out of memory at ``batch`` sequences: halve the batch cap and the token budget (never
+        below the largest request running, which must still fit)."""
+        self.batch_cap = max(1, min(self.batch_cap, batch) // 2)
+        largest = max(r.cost for r in self._running.values())
+        self.token_budget = max(largest, self._reserved // 2)
 
     def end_all(self, outcome: Outcome, error: BaseException) -> None:
         for r in [*self._preparing.values(), *self._waiting.values(), *self._running.values()]:
@@ -229,6 +275,21 @@ class Pipeline:
         self.stats.count(req.outcome, duration)
         if not (self._preparing or self._waiting or self._running):
             self._idle()
+
+
+def _sequence(r: GenRequest) -> NewSequence:
+    """What the backend admits for ``r``: its prompt, or, resumed after a fault, its prompt and
+    the tokens it already has, with the tokens still to come as ``max_tokens``."""
+    if not r.produced:
+        return NewSequence(r.seq_id, r.prompt_ids, r.params)
+    params = replace(r.params, max_tokens=r.params.max_tokens - r.produced)
+    return NewSequence(r.seq_id, (*r.prompt_ids, *r.generated), params, resumed=r.produced)
+
+
+def _blamed(cause: BaseException, *, oom: bool) -> BaseException:
+    if oom:
+        return failed("out of memory with this request alone: lower max_tokens or shorten the prompt", cause)
+    return failed("the backend failed every step this request was in, alone too; the others went on", cause)
 
 
 def _observe_gaps(stats: EngineStats, gap: float, n: int) -> None:

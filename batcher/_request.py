@@ -52,6 +52,7 @@ class GenRequest:
         "cost",
         "deadline",
         "first_token_at",
+        "generated",
         "last_token_at",
         "outcome",
         "params",
@@ -86,6 +87,7 @@ class GenRequest:
         self.prompt_ids: tuple[int, ...] = ()
         self.cost = 0  # KV tokens reserved while running: prompt + max_tokens
         self.produced = 0
+        self.generated: list[int] = []  # every id delivered: a resumed sequence's prompt tail
         self.first_token_at: float | None = None
         self.last_token_at = 0.0
         self.outcome: Outcome | None = None
@@ -111,6 +113,7 @@ class GenRequest:
     def push(self, ids: Sequence[int], text: str) -> None:
         """Deliver new tokens (merged with any the consumer has not taken yet)."""
         self._ids.extend(ids)
+        self.generated.extend(ids)
         if text:
             self._texts.append(text)
         self.produced += len(ids)

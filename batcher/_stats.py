@@ -96,6 +96,7 @@ class EngineStats:
     padding_tokens: int = 0
     busy_seconds: float = 0.0
     steps: int = 0
+    step_splits: int = 0  # failed steps retried on smaller batches (batcher._faults)
 
     def count(self, outcome: Outcome, duration: float | None = None) -> None:
         """One request ended (or was refused) with ``outcome``, ``duration`` after admission."""
