@@ -49,7 +49,9 @@ class GenerationOptions(TypedDict, total=False):
 
     Sampling: ``max_tokens``, ``temperature`` (0 = greedy, the default), ``top_p``, ``top_k``
     (0 = off), ``seed``, ``stop``. Scheduling: ``deadline_s`` (seconds from now; the request fails
-    with :class:`DeadlineExceeded` past it) and ``priority`` (higher runs first; waiting raises it).
+    with :class:`DeadlineExceeded` past it), ``priority`` (higher runs first among the tenant's
+    own requests; waiting raises it) and ``tenant`` (who is asking: tenants share the batch by
+    their ``BatchConfig.tenant_weights``; default ``"default"``).
     """
 
     max_tokens: int
@@ -60,6 +62,7 @@ class GenerationOptions(TypedDict, total=False):
     stop: str | Sequence[str] | None
     deadline_s: float | None
     priority: int
+    tenant: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
