@@ -1,7 +1,8 @@
 """Admission: the gate every request passes, generation or one-shot, before it reaches an engine.
 
-A request is admitted when the batcher is running and fewer than ``max_queue`` requests wait
-(summed over the engines); it goes to the least-loaded engine. A refusal raises at once, with a
+A request is admitted when the batcher is running, fewer than ``max_queue`` requests wait
+(summed over the engines) and, with ``tenant_max_queue``, fewer than that many of its tenant's; it
+goes to the least-loaded engine. A refusal raises at once, with a
 message that says what to do, and counts as that engine's ``shutdown``, ``overloaded`` or
 ``rejected`` outcome. ``retry_after`` estimates from the recent drain rate when there will be room.
 """
@@ -32,6 +33,7 @@ class _Engine(Protocol):
     def load(self) -> int: ...
     @property
     def stats(self) -> EngineStats: ...
+    def tenant_queued(self, tenant: str) -> int: ...
 
 
 E = TypeVar("E", bound=_Engine)
@@ -46,21 +48,34 @@ class Admission(Generic[E]):
         self.engines = engines
         self.drain = drain  # the engines record each request that leaves the queue
 
-    def admit(self) -> E:
-        """The engine a new request goes to; raises :class:`BatcherClosed` or :class:`Overloaded`."""
+    def admit(self, tenant: str | None = None) -> E:
+        """The engine a new request (of ``tenant``, for a generation request) goes to; raises
+        :class:`BatcherClosed` or :class:`Overloaded`."""
         engine = self.least_loaded()
         if self.state != "running":
-            engine.stats.count("shutdown")
+            engine.stats.count("shutdown", tenant=tenant)
             raise BatcherClosed(self._closed_message())
         if self.queue_depth >= self.config.max_queue:
-            engine.stats.count("overloaded")
+            engine.stats.count("overloaded", tenant=tenant)
             retry = self.retry_after()
             raise Overloaded(
                 f"queue is full (max_queue={self.config.max_queue}): retry in "
                 f"{retry:.2g} s, or raise max_queue",
                 retry_after=retry,
             )
+        limit = self.config.tenant_max_queue
+        if tenant is not None and limit is not None and self._tenant_queued(tenant) >= limit:
+            engine.stats.count("overloaded", tenant=tenant)
+            retry = self.retry_after()
+            raise Overloaded(
+                f"tenant {tenant!r} has {limit} requests queued (tenant_max_queue={limit}): "
+                f"retry in {retry:.2g} s, or raise tenant_max_queue",
+                retry_after=retry,
+            )
         return engine
+
+    def _tenant_queued(self, tenant: str) -> int:
+        return sum(e.tenant_queued(tenant) for e in self.engines)
 
     def refuse(self, outcome: Outcome) -> None:
         """Count a request refused before admission (say an invalid one) on the least-loaded engine."""

@@ -73,11 +73,23 @@ class GenerationEngine(Engine):
     def running(self) -> int:
         return self.pipeline.running
 
+    def tenant_queues(self) -> dict[str, int]:
+        return dict(self.pipeline.tenant_queues)
+
+    def tenant_queued(self, tenant: str) -> int:
+        return self.pipeline.tenant_queues.get(tenant, 0)
+
     def admit(
-        self, seq_id: int, prompt: Prompt, params: SamplingParams, priority: int, deadline_s: float | None
+        self,
+        seq_id: int,
+        prompt: Prompt,
+        params: SamplingParams,
+        priority: int,
+        deadline_s: float | None,
+        tenant: str,
     ) -> GenRequest:
         """A new request, PREPARING: its prompt goes to the host thread with the next batch."""
-        req = self.pipeline.admit(seq_id, prompt, params, priority, deadline_s)
+        req = self.pipeline.admit(seq_id, prompt, params, priority, deadline_s, tenant)
         self._to_prepare.append(req)
         if len(self._to_prepare) == 1:
             self._prepare_wakeup.set()

@@ -17,10 +17,13 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import replace
 
+from ._backend import NewSequence
+from ._errors import failed
 from ._request import WAITING, GenRequest
 
-__all__ = ["Isolation", "out_of_memory"]
+__all__ = ["Isolation", "blamed", "out_of_memory", "resume"]
 
 #: ``MemoryError`` and ``torch.cuda.OutOfMemoryError`` (also ``torch.OutOfMemoryError``).
 _OOM_NAMES = frozenset({"MemoryError", "OutOfMemoryError"})
@@ -87,3 +90,19 @@ class Isolation:
         if self._probe:
             self._groups.appendleft(list(self._probe))
             self._probe.clear()
+
+
+def resume(r: GenRequest) -> NewSequence:
+    """What the backend admits for ``r``: its prompt, or, resumed after a fault, its prompt and
+    the tokens it already has, with the tokens still to come as ``max_tokens``."""
+    if not r.produced:
+        return NewSequence(r.seq_id, r.prompt_ids, r.params)
+    params = replace(r.params, max_tokens=r.params.max_tokens - r.produced)
+    return NewSequence(r.seq_id, (*r.prompt_ids, *r.generated), params, resumed=r.produced)
+
+
+def blamed(cause: BaseException, *, oom: bool) -> BaseException:
+    """The error of the request found to blame."""
+    if oom:
+        return failed("out of memory with this request alone: lower max_tokens or shorten the prompt", cause)
+    return failed("the backend failed every step this request was in, alone too; the others went on", cause)

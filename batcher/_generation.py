@@ -53,7 +53,7 @@ class GenerationBatcher:
             raise
 
     def _admit(
-        self, prompt: Prompt, params: SamplingParams, deadline_s: float | None, priority: int
+        self, prompt: Prompt, params: SamplingParams, deadline_s: float | None, priority: int, tenant: str
     ) -> GenRequest:
-        engine = self.admission.admit()
-        return engine.admit(next(self._seq), prompt, params, priority, deadline_s)
+        engine = self.admission.admit(tenant)
+        return engine.admit(next(self._seq), prompt, params, priority, deadline_s, tenant)

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import replace
 
 from ._backend import NewSequence, PreparedPrompt, StepResult
 from ._config import BatchConfig
-from ._errors import InvalidRequest, PromptTooLong, failed
-from ._faults import Isolation, out_of_memory
+from ._errors import InvalidRequest, failed
+from ._faults import Isolation, blamed, out_of_memory, resume
 from ._request import RUNNING, WAITING, GenRequest, Stage
-from ._scheduler import plan
+from ._scheduler import FairShare, plan
 from ._stats import DrainRate, EngineStats
 from ._types import Outcome, Prompt, SamplingParams
 
@@ -57,6 +56,9 @@ class Pipeline:
         self._drop: list[int] = []  # ended on the loop; the backend frees them at the next step
         self._new_id = new_id
         self._isolation = Isolation()
+        self.shares = FairShare(config.tenant_weights)
+        #: Requests PREPARING or WAITING, by tenant (tenants with none are absent).
+        self.tenant_queues: dict[str, int] = {}
 
     # -- derived counts -----------------------------------------------------------------------
     @property
@@ -95,13 +97,27 @@ class Pipeline:
 
     # -- admit → PREPARING → WAITING ----------------------------------------------------------
     def admit(
-        self, seq_id: int, prompt: Prompt, params: SamplingParams, priority: int, deadline_s: float | None
+        self,
+        seq_id: int,
+        prompt: Prompt,
+        params: SamplingParams,
+        priority: int,
+        deadline_s: float | None,
+        tenant: str = "default",
     ) -> GenRequest:
         loop = asyncio.get_running_loop()
         req = GenRequest(
-            loop, seq_id, prompt, params, priority=priority, deadline_s=deadline_s, on_end=self._ended
+            loop,
+            seq_id,
+            prompt,
+            params,
+            priority=priority,
+            deadline_s=deadline_s,
+            on_end=self._ended,
+            tenant=tenant,
         )
         self._preparing[seq_id] = req
+        self._queued(tenant, 1)
         return req
 
     def queue(self, req: GenRequest, prepared: PreparedPrompt | BaseException) -> None:
@@ -119,22 +135,12 @@ class Pipeline:
         req.prepared(tuple(prepared.token_ids))
         self._move(req, WAITING)
         if self.token_budget is not None and req.cost > self.token_budget:
-            req.finish("rejected", error=self._too_long(req))
+            req.finish("rejected", error=req.too_long(self.token_budget))
             return
         # Wake an idle engine; during its batch window only a full batch ends the wait early.
         waiting = len(self._waiting)
         if waiting == 1 or waiting >= self.config.max_batch_size:
             self._wake_engine()
-
-    def _too_long(self, req: GenRequest) -> PromptTooLong:
-        assert self.token_budget is not None
-        return PromptTooLong(
-            f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.params.max_tokens}) = "
-            f"{req.cost} exceeds the batch token budget of {self.token_budget}: shorten the "
-            "prompt, lower max_tokens, or raise max_batch_tokens",
-            limit=self.token_budget,
-            requested=req.cost,
-        )
 
     # -- WAITING → RUNNING --------------------------------------------------------------------
     def plan(self, now: float) -> list[NewSequence]:
@@ -147,6 +153,7 @@ class Pipeline:
             free_tokens=free_tokens,
             now=now,
             aging_s=self.config.priority_aging_s,
+            shares=self.shares,
         )
         for r in expired:
             r.expire()
@@ -159,7 +166,7 @@ class Pipeline:
         self._drain.record(now, len(admit))
         if isolating:
             self._isolation.probing(admit)
-        return [_sequence(r) for r in admit]
+        return [resume(r) for r in admit]
 
     def take_drops(self) -> list[int]:
         drop, self._drop = self._drop, []
@@ -185,13 +192,14 @@ class Pipeline:
             n = len(out.token_ids)
             if n:
                 generated += n
+                stats.tenants.add_tokens(r.tenant, n)
                 if r.first_token_at is None:
                     r.first_token_at = now
                     stats.ttft.observe(now - r.arrival)
                 elif n == 1:
                     stats.itl.observe(now - r.last_token_at)
-                else:
-                    _observe_gaps(stats, (now - r.last_token_at) / n, n)
+                else:  # several tokens in one chunk (pipelined steps): spread the gap
+                    stats.itl.observe_many((now - r.last_token_at) / n, n)
                 r.last_token_at = now
             if n or out.text:
                 r.push(out.token_ids, out.text)
@@ -236,10 +244,11 @@ class Pipeline:
             self._release(r)
             self._drop.append(r.seq_id)  # whatever the backend still holds of it
             if r is culprit:
-                r.finish("failed", error=_blamed(cause, oom=out_of_memory(cause)))
+                r.finish("failed", error=blamed(cause, oom=out_of_memory(cause)))
             else:
                 r.seq_id, r.stage = self._new_id(), WAITING
                 self._waiting[r.seq_id] = r
+                self._queued(r.tenant, 1)
         self._waiting.update(waiting)
         self._wake_engine()
 
@@ -259,6 +268,16 @@ class Pipeline:
         del self._at[req.stage][req.seq_id]
         req.stage = to
         self._at[to][req.seq_id] = req
+        if to == RUNNING:
+            self._queued(req.tenant, -1)
+
+    def _queued(self, tenant: str, n: int) -> None:
+        queues = self.tenant_queues
+        left = queues.get(tenant, 0) + n
+        if left:
+            queues[tenant] = left
+        else:
+            del queues[tenant]
 
     def _release(self, req: GenRequest) -> None:
         """The backend freed this sequence (it finished or failed it): give back its tokens."""
@@ -267,32 +286,14 @@ class Pipeline:
 
     def _ended(self, req: GenRequest, was: Stage, duration: float) -> None:
         """Every request's end, whoever ended it (:data:`~batcher._request.OnEnd`)."""
-        if self._at[was].pop(req.seq_id, None) is not None and was == RUNNING:
-            self._reserved -= req.cost
-            self._drop.append(req.seq_id)  # the backend still holds it: free it at the next step
-            self._wake_engine()
+        if self._at[was].pop(req.seq_id, None) is not None:
+            if was == RUNNING:
+                self._reserved -= req.cost
+                self._drop.append(req.seq_id)  # the backend still holds it: free it at the next step
+                self._wake_engine()
+            else:
+                self._queued(req.tenant, -1)
         assert req.outcome is not None
-        self.stats.count(req.outcome, duration)
+        self.stats.count(req.outcome, duration, req.tenant)
         if not (self._preparing or self._waiting or self._running):
             self._idle()
-
-
-def _sequence(r: GenRequest) -> NewSequence:
-    """What the backend admits for ``r``: its prompt, or, resumed after a fault, its prompt and
-    the tokens it already has, with the tokens still to come as ``max_tokens``."""
-    if not r.produced:
-        return NewSequence(r.seq_id, r.prompt_ids, r.params)
-    params = replace(r.params, max_tokens=r.params.max_tokens - r.produced)
-    return NewSequence(r.seq_id, (*r.prompt_ids, *r.generated), params, resumed=r.produced)
-
-
-def _blamed(cause: BaseException, *, oom: bool) -> BaseException:
-    if oom:
-        return failed("out of memory with this request alone: lower max_tokens or shorten the prompt", cause)
-    return failed("the backend failed every step this request was in, alone too; the others went on", cause)
-
-
-def _observe_gaps(stats: EngineStats, gap: float, n: int) -> None:
-    """Several tokens arrived in one chunk (pipelined steps): spread the gap evenly over them."""
-    for _ in range(n):
-        stats.itl.observe(gap)

@@ -9,12 +9,22 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ._types import OUTCOMES, Outcome
 
-__all__ = ["BatcherStats", "DrainRate", "EngineReport", "EngineStats", "Histogram", "merge"]
+__all__ = [
+    "OTHER_TENANTS",
+    "BatcherStats",
+    "DrainRate",
+    "EngineReport",
+    "EngineStats",
+    "Histogram",
+    "TenantCounts",
+    "TenantTally",
+    "merge",
+]
 
 LATENCY_BUCKETS = (
     0.001,
@@ -58,6 +68,10 @@ class Histogram:
         self.counts[bisect_left(self.bounds, value)] += 1
         self.sum += value
 
+    def observe_many(self, value: float, n: int) -> None:
+        self.counts[bisect_left(self.bounds, value)] += n
+        self.sum += value * n
+
     @property
     def count(self) -> int:
         return sum(self.counts)
@@ -76,6 +90,77 @@ class Histogram:
                 return lo + (self.bounds[i] - lo) * (rank - seen) / c
             seen += c
         return self.bounds[-1]
+
+
+#: The ``tenant`` label of every tenant not among the top k.
+OTHER_TENANTS = "other"
+
+
+class TenantCounts:
+    """One tenant's (or "other"'s) tokens generated and requests ended, by outcome."""
+
+    __slots__ = ("outcomes", "tokens")
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.outcomes: dict[Outcome, int] = dict.fromkeys(OUTCOMES, 0)
+
+    def absorb(self, other: TenantCounts) -> None:
+        self.tokens += other.tokens
+        for k, v in other.outcomes.items():
+            self.outcomes[k] += v
+
+
+class TenantTally:
+    """Per-tenant counts for at most ``k`` tenants by name, the heaviest by tokens; the rest are
+    summed as :data:`OTHER_TENANTS`, so cardinality stays bounded whatever names clients send.
+
+    Exported counters stay monotonic: a tenant that comes to weigh twice the lightest named one
+    takes its name slot and starts its own series at 0 (what it had stays in "other"); the one it
+    displaces adds its counts to "other". Scores of unnamed tenants are kept for at most ``8 * k``
+    of them (the heaviest).
+    """
+
+    __slots__ = ("_score", "k", "named", "other")
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.named: dict[str, TenantCounts] = {}
+        self.other = TenantCounts()
+        self._score: dict[str, int] = {}
+
+    def add_tokens(self, tenant: str, n: int) -> None:
+        self._score[tenant] = self._score.get(tenant, 0) + n
+        self._counts(tenant).tokens += n
+
+    def ended(self, tenant: str, outcome: Outcome) -> None:
+        self._counts(tenant).outcomes[outcome] += 1
+
+    def _counts(self, tenant: str) -> TenantCounts:
+        counts = self.named.get(tenant)
+        if counts is not None:
+            return counts
+        if tenant == OTHER_TENANTS:  # a tenant of that name shares the label
+            return self.other
+        score = self._score
+        if len(self.named) >= self.k:
+            lightest = min(self.named, key=lambda t: score.get(t, 0))
+            if score.get(tenant, 0) <= 2 * score.get(lightest, 0):
+                self._bound_scores()
+                return self.other
+            self.other.absorb(self.named.pop(lightest))
+        counts = self.named[tenant] = TenantCounts()
+        return counts
+
+    def _bound_scores(self) -> None:
+        if len(self._score) > 9 * self.k:
+            unnamed = sorted((t for t in self._score if t not in self.named), key=self._score.__getitem__)
+            for t in unnamed[: len(unnamed) - 4 * self.k]:
+                del self._score[t]
+
+    def rows(self) -> list[tuple[str, TenantCounts]]:
+        """Every named tenant, then "other"."""
+        return [*self.named.items(), (OTHER_TENANTS, self.other)]
 
 
 @dataclass
@@ -97,12 +182,15 @@ class EngineStats:
     busy_seconds: float = 0.0
     steps: int = 0
     step_splits: int = 0  # failed steps retried on smaller batches (batcher._faults)
+    tenants: TenantTally = field(default_factory=lambda: TenantTally(10))
 
-    def count(self, outcome: Outcome, duration: float | None = None) -> None:
+    def count(self, outcome: Outcome, duration: float | None = None, tenant: str | None = None) -> None:
         """One request ended (or was refused) with ``outcome``, ``duration`` after admission."""
         self.outcomes[outcome] += 1
         if duration is not None:
             self.duration.observe(duration)
+        if tenant is not None:
+            self.tenants.ended(tenant, outcome)
 
     def observe_step(
         self, busy: float, batch: int, computed_tokens: int | None = None, padding_tokens: int = 0
@@ -129,6 +217,7 @@ class EngineReport:
     queue_depth: int
     running: int
     stats: EngineStats
+    tenant_queues: Mapping[str, int] = field(default_factory=dict)  # queued requests by tenant
 
 
 class DrainRate:
@@ -173,6 +262,7 @@ class BatcherStats:
     mean_batch_size: float
     ttft_p50: float
     ttft_p99: float
+    tenant_tokens: dict[str, int]  # tokens generated by tenant: the top k by name, then "other"
 
 
 def merge(reports: Sequence[EngineReport]) -> BatcherStats:
@@ -195,4 +285,13 @@ def merge(reports: Sequence[EngineReport]) -> BatcherStats:
         mean_batch_size=batch.sum / batch.count if batch.count else 0.0,
         ttft_p50=ttft.quantile(0.5),
         ttft_p99=ttft.quantile(0.99),
+        tenant_tokens=_tenant_tokens(every),
     )
+
+
+def _tenant_tokens(every: Sequence[EngineStats]) -> dict[str, int]:
+    tokens: dict[str, int] = {}
+    for s in every:
+        for tenant, counts in s.tenants.rows():
+            tokens[tenant] = tokens.get(tenant, 0) + counts.tokens
+    return tokens
