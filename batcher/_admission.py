@@ -2,14 +2,19 @@
 
 A request is admitted when the batcher is running, fewer than ``max_queue`` requests wait
 (summed over the engines) and, with ``tenant_max_queue``, fewer than that many of its tenant's; it
-goes to the least-loaded engine. A refusal raises at once, with a
-message that says what to do, and counts as that engine's ``shutdown``, ``overloaded`` or
-``rejected`` outcome. ``retry_after`` estimates from the recent drain rate when there will be room.
+goes to the least-loaded engine. With ``ttft_slo_s``, a request whose predicted time to first
+token there exceeds it is refused at once too. A refusal raises at once, with a message that says
+what to do, and counts as that engine's ``shutdown``, ``overloaded`` or ``rejected`` outcome.
+
+``retry_after`` is the time to drain the work admitted (tokens still to generate ÷ tokens
+delivered per second, measured), times a random factor in [0.75, 1.25], so that clients refused
+together do not all come back together.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Sequence
 from typing import Generic, Literal, Protocol, TypeVar
 
@@ -34,6 +39,8 @@ class _Engine(Protocol):
     @property
     def stats(self) -> EngineStats: ...
     def tenant_queued(self, tenant: str) -> int: ...
+    def predicted_ttft(self, tenant: str | None) -> float | None: ...
+    def drain_estimate(self, now: float) -> tuple[float, float]: ...
 
 
 E = TypeVar("E", bound=_Engine)
@@ -47,6 +54,7 @@ class Admission(Generic[E]):
         self.config = config
         self.engines = engines
         self.drain = drain  # the engines record each request that leaves the queue
+        self._jitter = random.Random()
 
     def admit(self, tenant: str | None = None) -> E:
         """The engine a new request (of ``tenant``, for a generation request) goes to; raises
@@ -72,6 +80,15 @@ class Admission(Generic[E]):
                 f"retry in {retry:.2g} s, or raise tenant_max_queue",
                 retry_after=retry,
             )
+        slo = self.config.ttft_slo_s
+        if slo is not None and (ttft := engine.predicted_ttft(tenant)) is not None and ttft > slo:
+            engine.stats.count("overloaded", tenant=tenant)
+            retry = self.retry_after()
+            raise Overloaded(
+                f"predicted time to first token {ttft:.2g} s exceeds the objective "
+                f"(ttft_slo_s={slo:g}): retry in {retry:.2g} s, or send it to another replica",
+                retry_after=retry,
+            )
         return engine
 
     def _tenant_queued(self, tenant: str) -> int:
@@ -92,11 +109,17 @@ class Admission(Generic[E]):
         return engines[0] if len(engines) == 1 else min(engines, key=lambda e: e.load)
 
     def retry_after(self) -> float:
-        """Seconds until the queue has likely drained enough to admit one more request."""
-        rate = self.drain.per_second(asyncio.get_running_loop().time())
+        """Seconds until the work admitted has likely drained, jittered (see module doc)."""
+        now = asyncio.get_running_loop().time()
+        work = rate = 0.0
+        for e in self.engines:
+            w, r = e.drain_estimate(now)
+            work, rate = work + w, rate + r
+        if rate <= 0:  # no token rate (one-shot engines, or nothing served yet): requests
+            work, rate = self.queue_depth, self.drain.per_second(now)
         if rate <= 0:
             return 1.0
-        return min(max((self.queue_depth - self.config.max_queue + 1) / rate, 0.05), 60.0)
+        return min(max(work / rate * self._jitter.uniform(0.75, 1.25), 0.05), 300.0)
 
     def _closed_message(self) -> str:
         if self.state in ("new", "starting"):

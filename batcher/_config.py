@@ -43,6 +43,11 @@ class BatchConfig:
     ``tenant_max_queue``
         requests one tenant may have waiting; one more is refused with
         :class:`~batcher.Overloaded` (``None``: only ``max_queue`` applies).
+    ``ttft_slo_s``
+        a time-to-first-token objective: a newcomer whose predicted time to first token (from
+        the step-cost model the engine learns, and the queue ahead of it) exceeds it is refused
+        at once with :class:`~batcher.Overloaded` rather than queued to miss it; the batch window
+        never widens past it. ``None``: no objective.
     ``tenant_metrics_top_k``
         tenants exported by name in the per-tenant metrics (the heaviest); the others are
         summed as ``tenant="other"``, so a flood of tenant names cannot explode cardinality.
@@ -59,6 +64,7 @@ class BatchConfig:
     tenant_weights: Mapping[str, float] = field(default_factory=dict, hash=False)
     tenant_max_queue: int | None = None
     tenant_metrics_top_k: int = 10
+    ttft_slo_s: float | None = None
 
     def __post_init__(self) -> None:
         _positive_int("max_batch_size", self.max_batch_size)
@@ -79,6 +85,8 @@ class BatchConfig:
         if self.tenant_max_queue is not None:
             _positive_int("tenant_max_queue", self.tenant_max_queue)
         _positive_int("tenant_metrics_top_k", self.tenant_metrics_top_k)
+        if self.ttft_slo_s is not None:
+            _non_negative("ttft_slo_s", self.ttft_slo_s, finite=True)
         for tenant, weight in self.tenant_weights.items():
             ok = isinstance(weight, (int, float)) and not isinstance(weight, bool)
             if not isinstance(tenant, str) or not ok or not (math.isfinite(weight) and weight > 0):

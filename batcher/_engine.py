@@ -59,6 +59,16 @@ class Engine(ABC):
         """Requests of ``tenant`` admitted here and not yet running."""
         return 0
 
+    def predicted_ttft(self, tenant: str | None) -> float | None:
+        """Seconds until a newcomer's first token here; None when it would join the next step
+        (or nothing is known)."""
+        return None
+
+    def drain_estimate(self, now: float) -> tuple[float, float]:
+        """``(work, rate)``: the work admitted here and the work done per second, in tokens;
+        ``(0, 0)`` when unknown (one-shot engines: admission then uses the request drain rate)."""
+        return 0.0, 0.0
+
     # -- lifecycle (the batcher calls these in this order) -----------------------------------
     async def start(self) -> None:
         """Start the threads (and, for a generation engine, the backend on its device thread)."""

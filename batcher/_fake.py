@@ -38,7 +38,7 @@ class FakeBackend:
     """A fake :class:`~batcher.GenerationBackend`.
 
     Markers in a prompt inject behaviour: the word ``REJECT`` makes ``prepare`` refuse it, ``FAIL``
-    makes the backend blame that sequence when it is admitted, ``POISON`` makes every step that
+    makes the backend blame that sequence when it is admitted, ``POISONOUS`` makes every step that
     holds it raise, and ``eos:N`` ends it with ``finish_reason="stop"`` after N tokens.
     :meth:`fail_next_steps` makes whole steps raise; ``oom_above`` makes every step of more
     sequences than that raise ``MemoryError``. A step that raises forgets every sequence, as a
@@ -74,8 +74,8 @@ class FakeBackend:
         self.started = False
         self.closed = False
         self._fail_id = self.word_id("FAIL")
-        self._poison_id = self.word_id("POISON")
-        self._poisoned = False  # a POISON sequence was admitted (it may still run)
+        self._poison_id = self.word_id("POISONOUS")
+        self._poisoned = False  # a POISONOUS sequence was admitted (it may still run)
         self._reject_id = self.word_id("REJECT")
         self._eos_marks = {self.word_id(f"eos:{n}"): n for n in range(1, 257)}
 
@@ -172,7 +172,7 @@ class FakeBackend:
         forget every sequence)."""
         if self._poisoned and any(s.poison for s in self._seqs.values()):
             self._seqs.clear()
-            raise RuntimeError("injected step failure (POISON marker)")
+            raise RuntimeError("injected step failure (POISONOUS marker)")
         if self.oom_above is not None and batch > self.oom_above:
             self._seqs.clear()
             raise MemoryError(f"injected out of memory: {batch} sequences > oom_above={self.oom_above}")

@@ -11,7 +11,7 @@ whoever ended it. No tasks and no threads: :class:`~batcher._continuous.Generati
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from ._backend import NewSequence, PreparedPrompt, StepResult
 from ._config import BatchConfig
@@ -80,6 +80,10 @@ class Pipeline:
     @property
     def live(self) -> int:
         return len(self._preparing) + len(self._waiting) + len(self._running)
+
+    def at(self, stage: Stage) -> Collection[GenRequest]:
+        """The requests in ``stage`` (PREPARING, WAITING or RUNNING), oldest first: read only."""
+        return self._at[stage].values()
 
     @property
     def has_drops(self) -> bool:
@@ -179,8 +183,9 @@ class Pipeline:
         return any(r.produced + steps < r.params.max_tokens for r in self._running.values())
 
     # -- RUNNING → DONE -----------------------------------------------------------------------
-    def deliver(self, result: StepResult, now: float) -> None:
-        """Fan a step's tokens out to the mailboxes; end the sequences the backend ended."""
+    def deliver(self, result: StepResult, now: float) -> int:
+        """Fan a step's tokens out to the mailboxes; end the sequences the backend ended. Returns
+        the tokens delivered."""
         running = self._running
         stats = self.stats
         generated = 0
@@ -213,6 +218,7 @@ class Pipeline:
         stats.generated_tokens += generated
         if result.failed:
             self._fail_blamed(result.failed)
+        return generated
 
     def _fail_blamed(self, blamed: dict[int, BaseException]) -> None:
         """The backend blamed these sequences for an error (and freed them): each fails alone."""

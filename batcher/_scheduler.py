@@ -27,7 +27,7 @@ import heapq
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Protocol, TypeVar
 
-__all__ = ["FairShare", "Schedulable", "plan"]
+__all__ = ["FairShare", "Schedulable", "ahead_of", "plan"]
 
 
 class Schedulable(Protocol):
@@ -87,6 +87,15 @@ class FairShare:
                 self.clock = sorted(self.finish.values())[len(self.finish) // 2]
             clock = self.clock
             self.finish = {t: f for t, f in self.finish.items() if f > clock}
+
+
+def ahead_of(tenant: str, queued: Mapping[str, int], weights: Mapping[str, float]) -> float:
+    """About how many queued requests run before a newcomer of ``tenant``, by fair share: from
+    each tenant ``u``, as many as its weight gets while ``tenant``'s own queue and the newcomer
+    go, ``min(queued[u], (queued[tenant] + 1) * w(u) / w(tenant))``."""
+    mine = queued.get(tenant, 0) + 1
+    w = weights.get(tenant, 1.0)
+    return sum(min(n, mine * weights.get(u, 1.0) / w) for u, n in queued.items() if u != tenant) + mine - 1
 
 
 def plan(

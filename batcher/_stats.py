@@ -221,7 +221,8 @@ class EngineReport:
 
 
 class DrainRate:
-    """Requests leaving the queue per second over a sliding window: the base of ``retry_after``."""
+    """Events per second over a sliding window: requests leaving the queue, tokens delivered,
+    requests arriving (the bases of ``retry_after``, and of the batch window)."""
 
     __slots__ = ("_events", "_total", "_window")
 
@@ -237,11 +238,15 @@ class DrainRate:
         self._trim(now)
 
     def per_second(self, now: float) -> float:
+        """Events per second since the first in the window (which opens the span, so it is not
+        counted in it); with a single event, that event over at least 50 ms."""
         self._trim(now)
         if not self._events:
             return 0.0
-        span = max(now - self._events[0][0], 0.05)
-        return self._total / span
+        first_at, first_n = self._events[0]
+        if len(self._events) > 1 and now > first_at:
+            return (self._total - first_n) / (now - first_at)
+        return self._total / max(now - first_at, 0.05)
 
     def _trim(self, now: float) -> None:
         while self._events and now - self._events[0][0] > self._window:

@@ -28,14 +28,14 @@ async def run_all(b: Batcher, fb: FakeBackend, prompts: list[str], max_tokens: i
 @pytest.mark.parametrize("poison_at", [0, 5, 13, 31])
 async def test_a_poison_request_fails_alone_wherever_it_sits_in_the_batch(poison_at: int) -> None:
     fb = FakeBackend(step_time_s=0.001)
-    prompts = [f"request {i}" + (" POISON" if i == poison_at else "") for i in range(32)]
+    prompts = [f"request {i}" + (" POISONOUS" if i == poison_at else "") for i in range(32)]
     async with Batcher(fb, BatchConfig(max_batch_size=32, batch_window_s=0.05)) as b:
         results = await run_all(b, fb, prompts, max_tokens=6)
         stats = b.stats()
     failed = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
     assert failed == [poison_at]
     assert isinstance(results[poison_at], RequestFailed)
-    assert "POISON" in str(results[poison_at].__cause__)  # type: ignore[union-attr]
+    assert "POISONOUS" in str(results[poison_at].__cause__)  # type: ignore[union-attr]
     assert stats.outcomes["finished"] == 31 and stats.outcomes["failed"] == 1
     assert fb.live_sequences == 0
     # bisection: about log2(32) splits, not one per request
@@ -48,7 +48,7 @@ async def test_a_poison_request_that_joins_a_running_batch_fails_alone() -> None
     async with Batcher(fb, BatchConfig(max_batch_size=16, batch_window_s=0.0)) as b:
         long = [asyncio.create_task(b.generate(f"long {i}", max_tokens=40)) for i in range(8)]
         await asyncio.sleep(0.02)  # they run; then the poison arrives mid-flight
-        bad = asyncio.create_task(b.generate("late POISON", max_tokens=40))
+        bad = asyncio.create_task(b.generate("late POISONOUS", max_tokens=40))
         done = await asyncio.gather(*long)
         with pytest.raises(RequestFailed):
             await bad

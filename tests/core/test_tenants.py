@@ -68,6 +68,7 @@ async def test_each_tenant_has_its_own_queue_limit() -> None:
     async with Batcher(fb, config) as b:
         hog = b.stream("running", max_tokens=4000, tenant="A")
         await hog.__aenter__()
+        await wait_until(lambda: b.stats().running == 1)
         queued = [b.stream(f"a {i}", max_tokens=2, tenant="A") for i in range(3)]
         for s in queued:
             await s.__aenter__()
