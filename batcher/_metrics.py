@@ -129,7 +129,9 @@ def _tenant_families(rows: list[_Row]) -> Iterator[Any]:
 
     labels = [*_LABELS, "tenant"]
     tokens = CounterMetricFamily(
-        "batcher_tenant_generated_tokens", "Tokens generated, by tenant.", labels=labels
+        "batcher_tenant_generated_tokens",
+        "Tokens generated, by tenant (counted when each request ends).",
+        labels=labels,
     )
     requests = CounterMetricFamily(
         "batcher_tenant_requests", "Requests by tenant and how they ended.", labels=[*labels, "outcome"]

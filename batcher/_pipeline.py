@@ -197,7 +197,6 @@ class Pipeline:
             n = len(out.token_ids)
             if n:
                 generated += n
-                stats.tenants.add_tokens(r.tenant, n)
                 if r.first_token_at is None:
                     r.first_token_at = now
                     stats.ttft.observe(now - r.arrival)
@@ -300,6 +299,6 @@ class Pipeline:
             else:
                 self._queued(req.tenant, -1)
         assert req.outcome is not None
-        self.stats.count(req.outcome, duration, req.tenant)
+        self.stats.count(req.outcome, duration, req.tenant, req.produced)
         if not (self._preparing or self._waiting or self._running):
             self._idle()

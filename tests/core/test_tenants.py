@@ -107,12 +107,12 @@ def test_tenant_metrics_keep_the_heaviest_by_name_and_stay_monotonic() -> None:
 
     total = 0
     for i in range(200):  # many light tenants arrive first...
-        tally.add_tokens(f"light{i}", 1)
+        tally.ended(f"light{i}", "finished", 1)
         total += 1
         check_monotonic()
     for _ in range(50):  # ...then two heavy ones
         for heavy in ("heavy1", "heavy2"):
-            tally.add_tokens(heavy, 20)
+            tally.ended(heavy, "finished", 20)
             total += 20
             check_monotonic()
     assert {"heavy1", "heavy2"} <= set(tally.named)
