@@ -77,6 +77,12 @@ _FLAGS: tuple[tuple[str, Callable[[str], Any], Any, str], ...] = (
     ("--drain-timeout", float, None, "seconds SIGTERM waits for running requests (unset: 30)"),
     ("--default-deadline", float, None, "seconds each request may take (unset: no deadline)"),
     (
+        "--ttft-slo",
+        float,
+        None,
+        "seconds: refuse at once (429) a request whose predicted time to first token exceeds it",
+    ),
+    (
         "--max-prompt-chars",
         int,
         None,
@@ -114,6 +120,7 @@ _BATCH_FIELDS = {
     "default_max_tokens": "default_max_tokens",
     "max_tokens_limit": "max_tokens_limit",
     "drain_timeout": "drain_timeout_s",
+    "ttft_slo": "ttft_slo_s",
 }
 _TRUE = {"1", "true", "yes", "on"}
 

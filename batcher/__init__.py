@@ -12,11 +12,13 @@ Layout (a module imports only modules below it; ``batcher`` never imports torch 
     _stream       TokenStream: the chunks of one request (generate() drains one)
     _continuous   GenerationEngine: one device's prepare task (host thread) and step loop
     _pipeline     one engine's requests by stage: admit → prepare → queue → run → end
+    _faults       a failed step split in halves until the request to blame fails alone; OOM
     _request      GenRequest: one request's stage, deadline and bounded mailbox
     _admission    the gate both kinds of request pass: open, max_queue, retry-after, least loaded
     _options      validation of a generation call's prompt and options
     _engine       what every engine has: device thread, loop task, wake-ups, idle, statistics
-    _scheduler    the pure scheduling policy (slots, token budget, priorities with aging, deadlines)
+    _scheduler    the pure scheduling policy: tenants' fair shares, priorities with aging, slots, tokens
+    _cost         the step-cost model learned online: predicted TTFT, drain rate, batch window
     _metrics      Prometheus export at scrape time, from Batcher.engine_stats()
     _stats        cheap counters and histograms; the BatcherStats snapshot
     _worker       the dedicated thread a device (or the prepare stage) runs on

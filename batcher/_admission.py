@@ -1,14 +1,20 @@
 """Admission: the gate every request passes, generation or one-shot, before it reaches an engine.
 
-A request is admitted when the batcher is running and fewer than ``max_queue`` requests wait
-(summed over the engines); it goes to the least-loaded engine. A refusal raises at once, with a
-message that says what to do, and counts as that engine's ``shutdown``, ``overloaded`` or
-``rejected`` outcome. ``retry_after`` estimates from the recent drain rate when there will be room.
+A request is admitted when the batcher is running, fewer than ``max_queue`` requests wait
+(summed over the engines) and, with ``tenant_max_queue``, fewer than that many of its tenant's; it
+goes to the least-loaded engine. With ``ttft_slo_s``, a request whose predicted time to first
+token there exceeds it is refused at once too. A refusal raises at once, with a message that says
+what to do, and counts as that engine's ``shutdown``, ``overloaded`` or ``rejected`` outcome.
+
+``retry_after`` is the time to drain the work admitted (tokens still to generate ÷ tokens
+delivered per second, measured), times a random factor in [0.75, 1.25], so that clients refused
+together do not all come back together.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Sequence
 from typing import Generic, Literal, Protocol, TypeVar
 
@@ -32,6 +38,9 @@ class _Engine(Protocol):
     def load(self) -> int: ...
     @property
     def stats(self) -> EngineStats: ...
+    def tenant_queued(self, tenant: str) -> int: ...
+    def predicted_ttft(self, tenant: str | None) -> float | None: ...
+    def drain_estimate(self, now: float) -> tuple[float, float]: ...
 
 
 E = TypeVar("E", bound=_Engine)
@@ -45,22 +54,45 @@ class Admission(Generic[E]):
         self.config = config
         self.engines = engines
         self.drain = drain  # the engines record each request that leaves the queue
+        self._jitter = random.Random()
 
-    def admit(self) -> E:
-        """The engine a new request goes to; raises :class:`BatcherClosed` or :class:`Overloaded`."""
+    def admit(self, tenant: str | None = None) -> E:
+        """The engine a new request (of ``tenant``, for a generation request) goes to; raises
+        :class:`BatcherClosed` or :class:`Overloaded`."""
         engine = self.least_loaded()
         if self.state != "running":
-            engine.stats.count("shutdown")
+            engine.stats.count("shutdown", tenant=tenant)
             raise BatcherClosed(self._closed_message())
         if self.queue_depth >= self.config.max_queue:
-            engine.stats.count("overloaded")
+            engine.stats.count("overloaded", tenant=tenant)
             retry = self.retry_after()
             raise Overloaded(
                 f"queue is full (max_queue={self.config.max_queue}): retry in "
                 f"{retry:.2g} s, or raise max_queue",
                 retry_after=retry,
             )
+        limit = self.config.tenant_max_queue
+        if tenant is not None and limit is not None and self._tenant_queued(tenant) >= limit:
+            engine.stats.count("overloaded", tenant=tenant)
+            retry = self.retry_after()
+            raise Overloaded(
+                f"tenant {tenant!r} has {limit} requests queued (tenant_max_queue={limit}): "
+                f"retry in {retry:.2g} s, or raise tenant_max_queue",
+                retry_after=retry,
+            )
+        slo = self.config.ttft_slo_s
+        if slo is not None and (ttft := engine.predicted_ttft(tenant)) is not None and ttft > slo:
+            engine.stats.count("overloaded", tenant=tenant)
+            retry = self.retry_after()
+            raise Overloaded(
+                f"predicted time to first token {ttft:.2g} s exceeds the objective "
+                f"(ttft_slo_s={slo:g}): retry in {retry:.2g} s, or send it to another replica",
+                retry_after=retry,
+            )
         return engine
+
+    def _tenant_queued(self, tenant: str) -> int:
+        return sum(e.tenant_queued(tenant) for e in self.engines)
 
     def refuse(self, outcome: Outcome) -> None:
         """Count a request refused before admission (say an invalid one) on the least-loaded engine."""
@@ -77,11 +109,17 @@ class Admission(Generic[E]):
         return engines[0] if len(engines) == 1 else min(engines, key=lambda e: e.load)
 
     def retry_after(self) -> float:
-        """Seconds until the queue has likely drained enough to admit one more request."""
-        rate = self.drain.per_second(asyncio.get_running_loop().time())
+        """Seconds until the work admitted has likely drained, jittered (see module doc)."""
+        now = asyncio.get_running_loop().time()
+        work = rate = 0.0
+        for e in self.engines:
+            w, r = e.drain_estimate(now)
+            work, rate = work + w, rate + r
+        if rate <= 0:  # no token rate (one-shot engines, or nothing served yet): requests
+            work, rate = self.queue_depth, self.drain.per_second(now)
         if rate <= 0:
             return 1.0
-        return min(max((self.queue_depth - self.config.max_queue + 1) / rate, 0.05), 60.0)
+        return min(max(work / rate * self._jitter.uniform(0.75, 1.25), 0.05), 300.0)
 
     def _closed_message(self) -> str:
         if self.state in ("new", "starting"):

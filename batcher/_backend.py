@@ -55,21 +55,33 @@ class PreparedPrompt:
 
 @dataclass(frozen=True, slots=True)
 class NewSequence:
-    """A sequence to admit in :meth:`GenerationBackend.step`. ``seq_id`` is unique per batcher."""
+    """A sequence to admit in :meth:`GenerationBackend.step`. ``seq_id`` is unique per batcher.
+
+    ``resumed`` > 0 marks a sequence the engine re-admits after a step raised: the last
+    ``resumed`` of ``prompt_ids`` are tokens it already generated (and delivered), and
+    ``params.max_tokens`` counts only the tokens still to come. A backend may ignore it (the prompt
+    and the limit are already right); one that can, continues exactly where the sequence was.
+    """
 
     seq_id: int
     prompt_ids: Sequence[int]
     params: SamplingParams
+    resumed: int
 
-    def __init__(self, seq_id: int, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+    def __init__(
+        self, seq_id: int, prompt_ids: Sequence[int], params: SamplingParams, resumed: int = 0
+    ) -> None:
         # One per admitted request on the loop's hot path: see PrepareRequest.__init__.
         _set_new_id(self, seq_id)
         _set_new_prompt(self, prompt_ids)
         _set_new_params(self, params)
+        _set_new_resumed(self, resumed)
 
 
 _set_prepare_prompt, _set_prepare_params = slot_setters(PrepareRequest, "prompt", "params")
-_set_new_id, _set_new_prompt, _set_new_params = slot_setters(NewSequence, "seq_id", "prompt_ids", "params")
+_set_new_id, _set_new_prompt, _set_new_params, _set_new_resumed = slot_setters(
+    NewSequence, "seq_id", "prompt_ids", "params", "resumed"
+)
 
 
 @dataclass(slots=True)
@@ -121,8 +133,12 @@ class GenerationBackend(Protocol):
         sequence. Returns a :class:`StepResult` with a :class:`SeqOutput` for every sequence that
         produced something. A sequence the backend finishes (EOS, stop string, ``max_tokens``) is
         freed by the backend itself and reported once with its ``finish_reason``. A sequence the
-        backend can blame for an error goes in ``failed`` (and is freed); an exception raised from
-        ``step`` fails every sequence of that step, and the engine drops them all at the next call.
+        backend can blame for an error goes in ``failed`` (and is freed). An exception raised from
+        ``step`` means the backend may have lost every running sequence (it may reset its batch):
+        the engine drops all their ids at the next call and re-admits them under fresh ids, as
+        :class:`NewSequence` with ``resumed`` set, in halves until the one to blame fails alone; a
+        ``MemoryError`` or CUDA ``OutOfMemoryError`` halves the batch and the token budget instead
+        (docs/architecture.md, "Faults split").
     ``close()``
         once, on the device thread, after the last step: free everything.
     """

@@ -185,7 +185,8 @@ class Batcher:
         return self._admission.queue_depth
 
     def retry_after(self) -> float:
-        """Seconds until the queue has likely drained enough to admit one more request."""
+        """Seconds until the work admitted has likely drained (tokens still to generate ÷ tokens
+        delivered per second), times a random factor in [0.75, 1.25] so refused clients spread out."""
         return self._admission.retry_after()
 
     def engine_stats(self) -> list[EngineReport]:

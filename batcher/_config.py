@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from ._errors import InvalidRequest
 
@@ -35,6 +36,21 @@ class BatchConfig:
         ``max_tokens`` when the caller gives none, and the largest the batcher accepts.
     ``drain_timeout_s``
         how long ``async with`` waits on exit for running requests before ending them.
+    ``tenant_weights``
+        each tenant's share of the batch (weighted fair queuing over the ``tenant=`` of each
+        request); a tenant not listed weighs 1. Under saturation, tenants get tokens in
+        proportion to their weights.
+    ``tenant_max_queue``
+        requests one tenant may have waiting; one more is refused with
+        :class:`~batcher.Overloaded` (``None``: only ``max_queue`` applies).
+    ``ttft_slo_s``
+        a time-to-first-token objective: a newcomer whose predicted time to first token (from
+        the step-cost model the engine learns, and the queue ahead of it) exceeds it is refused
+        at once with :class:`~batcher.Overloaded` rather than queued to miss it; the batch window
+        never widens past it. ``None``: no objective.
+    ``tenant_metrics_top_k``
+        tenants exported by name in the per-tenant metrics (the heaviest); the others are
+        summed as ``tenant="other"``, so a flood of tenant names cannot explode cardinality.
     """
 
     max_batch_size: int = 32
@@ -45,6 +61,10 @@ class BatchConfig:
     default_max_tokens: int = 256
     max_tokens_limit: int = 32768
     drain_timeout_s: float = 30.0
+    tenant_weights: Mapping[str, float] = field(default_factory=dict, hash=False)
+    tenant_max_queue: int | None = None
+    tenant_metrics_top_k: int = 10
+    ttft_slo_s: float | None = None
 
     def __post_init__(self) -> None:
         _positive_int("max_batch_size", self.max_batch_size)
@@ -62,6 +82,18 @@ class BatchConfig:
         _non_negative("batch_window_s", self.batch_window_s, finite=True)
         _non_negative("drain_timeout_s", self.drain_timeout_s, finite=True)
         _non_negative("priority_aging_s", self.priority_aging_s, finite=False)
+        if self.tenant_max_queue is not None:
+            _positive_int("tenant_max_queue", self.tenant_max_queue)
+        _positive_int("tenant_metrics_top_k", self.tenant_metrics_top_k)
+        if self.ttft_slo_s is not None:
+            _non_negative("ttft_slo_s", self.ttft_slo_s, finite=True)
+        for tenant, weight in self.tenant_weights.items():
+            ok = isinstance(weight, (int, float)) and not isinstance(weight, bool)
+            if not isinstance(tenant, str) or not ok or not (math.isfinite(weight) and weight > 0):
+                raise InvalidRequest(
+                    f"BatchConfig.tenant_weights[{tenant!r}] must be a finite number > 0, got {weight!r}",
+                    field="tenant_weights",
+                )
         if self.priority_aging_s == 0:
             raise InvalidRequest(
                 "priority_aging_s must be > 0 (use math.inf to turn aging off), got 0",

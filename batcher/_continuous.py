@@ -11,16 +11,20 @@ When steps are very short, a second step waits queued on the device thread (docs
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from ._backend import GenerationBackend, NewSequence, PrepareRequest, StepResult
 from ._config import BatchConfig
+from ._cost import StepCost, steps_until_slot
 from ._engine import Engine
 from ._errors import BatcherError, failed
+from ._options import DEFAULT_TENANT
 from ._pipeline import Pipeline
-from ._request import GenRequest
+from ._request import PREPARING, RUNNING, WAITING, GenRequest
+from ._scheduler import ahead_of
 from ._stats import DrainRate
 from ._types import Outcome, Prompt, SamplingParams
 from ._wakeup import Wakeup
@@ -32,25 +36,42 @@ __all__ = ["GenerationEngine"]
 #: microseconds each on a virtual machine) are a noticeable share of a step.
 _PIPELINE_BELOW_S = 0.002
 
-#: A step sent to the device thread: its result to come, and how many sequences it runs.
-_Step = tuple["asyncio.Future[tuple[StepResult, float]]", int]
+#: A step sent to the device thread: its result to come, how many sequences it runs, and how many
+#: prompt tokens it prefills.
+_Step = tuple["asyncio.Future[tuple[StepResult, float]]", int, int]
 
 
 class GenerationEngine(Engine):
     """Continuous batching on one device (see module doc)."""
 
-    def __init__(self, index: int, backend: GenerationBackend, config: BatchConfig, drain: DrainRate) -> None:
+    def __init__(
+        self,
+        index: int,
+        backend: GenerationBackend,
+        config: BatchConfig,
+        drain: DrainRate,
+        new_id: Callable[[], int],
+    ) -> None:
         super().__init__(index, config)
         self.backend = backend
         self.host = WorkerThread(f"batcher-host-{index}")
         limits = [x for x in (config.max_batch_tokens, getattr(backend, "max_batch_tokens", None)) if x]
         self.pipeline = Pipeline(
-            config, min(limits) if limits else None, self.stats, drain, wake=self._wake, idle=self._idle.set
+            config,
+            min(limits) if limits else None,
+            self.stats,
+            drain,
+            wake=self._wake,
+            idle=self._idle.set,
+            new_id=new_id,
         )
         self._to_prepare: list[GenRequest] = []
         self._prepare_wakeup = Wakeup()
         self._prepare_task: asyncio.Task[None] | None = None
         self._last_busy = 1.0  # the last step's device time: decides pipelining
+        self.cost = StepCost()  # learned from every step: predicts TTFT, drain, the batch window
+        self._token_rate = DrainRate()  # tokens delivered per second, measured
+        self._arrivals = DrainRate(window_s=2.0)  # requests admitted per second, measured
 
     @property
     def queue_depth(self) -> int:
@@ -60,11 +81,24 @@ class GenerationEngine(Engine):
     def running(self) -> int:
         return self.pipeline.running
 
+    def tenant_queues(self) -> dict[str, int]:
+        return dict(self.pipeline.tenant_queues)
+
+    def tenant_queued(self, tenant: str) -> int:
+        return self.pipeline.tenant_queues.get(tenant, 0)
+
     def admit(
-        self, seq_id: int, prompt: Prompt, params: SamplingParams, priority: int, deadline_s: float | None
+        self,
+        seq_id: int,
+        prompt: Prompt,
+        params: SamplingParams,
+        priority: int,
+        deadline_s: float | None,
+        tenant: str,
     ) -> GenRequest:
         """A new request, PREPARING: its prompt goes to the host thread with the next batch."""
-        req = self.pipeline.admit(seq_id, prompt, params, priority, deadline_s)
+        req = self.pipeline.admit(seq_id, prompt, params, priority, deadline_s, tenant)
+        self._arrivals.record(req.arrival, 1)
         self._to_prepare.append(req)
         if len(self._to_prepare) == 1:
             self._prepare_wakeup.set()
@@ -153,8 +187,9 @@ class GenerationEngine(Engine):
                 await self._sleep_until_woken(loop.time() + self.config.batch_window_s + 0.001)
 
     def _max_in_flight(self) -> int:
-        """Two steps on the device thread at once when steps are very short, else one."""
-        return 2 if self._last_busy < _PIPELINE_BELOW_S else 1
+        """Two steps on the device thread at once when steps are very short, else one (and one
+        while a failed step's suspects are probed: each probe must see the last one's outcome)."""
+        return 2 if self._last_busy < _PIPELINE_BELOW_S and not self.pipeline.isolating else 1
 
     async def _next_step(self, in_flight: int) -> _Step | None:
         """Plan the next step and send it to the device thread; None if it would do nothing."""
@@ -169,13 +204,53 @@ class GenerationEngine(Engine):
 
     def _waits_for_a_first_batch(self) -> bool:
         """An idle engine waits up to ``batch_window_s`` for a first batch to fill; never while
-        sequences run, when a full batch waits already, or when stopping."""
-        return (
-            self.config.batch_window_s > 0
-            and not self.pipeline.running
-            and self.pipeline.waiting < self.config.max_batch_size
-            and not self._stopping
+        sequences run, when a full batch waits already, or when stopping; and, once the cost
+        model has learned, only when it says waiting serves more per second (see
+        :meth:`StepCost.worth_waiting`) and stays within the TTFT objective."""
+        config, pipeline = self.config, self.pipeline
+        if not (config.batch_window_s > 0 and not pipeline.running and not self._stopping):
+            return False
+        if pipeline.waiting >= pipeline.batch_cap or not self.cost.ready:
+            return pipeline.waiting < pipeline.batch_cap
+        window = config.batch_window_s
+        if (
+            config.ttft_slo_s is not None
+            and window + self.cost.predict(pipeline.batch_cap, 0) > config.ttft_slo_s
+        ):
+            return False
+        rate = self._arrivals.per_second(asyncio.get_running_loop().time())
+        return self.cost.worth_waiting(pipeline.waiting, rate, window)
+
+    # -- predictions for admission ---------------------------------------------------------------
+    def predicted_ttft(self, tenant: str | None) -> float | None:
+        pipeline, cost = self.pipeline, self.cost
+        if not cost.ready:
+            return None
+        queued = pipeline.tenant_queues
+        ahead = ahead_of(tenant or DEFAULT_TENANT, queued, self.config.tenant_weights)
+        free = pipeline.batch_cap - pipeline.running
+        if ahead < free:
+            return None  # it joins the next step: refusing it gains nothing
+        running = pipeline.at(RUNNING)
+        rows = min(pipeline.batch_cap, pipeline.running + pipeline.queue_depth + 1)
+        mean_tokens = _mean(r.params.max_tokens for r in (*running, *pipeline.at(WAITING)))
+        steps = steps_until_slot(
+            math.ceil(ahead) + 1 - free,
+            (r.params.max_tokens - r.produced for r in running),
+            rows,
+            mean_tokens,
         )
+        return (steps + 1) * cost.predict(rows, cost.mean_new_tokens)
+
+    def drain_estimate(self, now: float) -> tuple[float, float]:
+        pipeline = self.pipeline
+        work = sum(r.params.max_tokens - r.produced for r in pipeline.at(RUNNING))
+        work += sum(r.params.max_tokens for stage in (PREPARING, WAITING) for r in pipeline.at(stage))
+        rate = self._token_rate.per_second(now)
+        if not rate and self.cost.ready:  # nothing measured lately: the model's full-batch rate
+            rows = pipeline.batch_cap
+            rate = rows / max(self.cost.predict(rows, self.cost.mean_new_tokens), 1e-9)
+        return float(work), rate
 
     def _submit(self, admit: list[NewSequence]) -> _Step:
         drop = self.pipeline.take_drops()
@@ -184,20 +259,29 @@ class GenerationEngine(Engine):
         except BatcherError as e:  # the thread is gone: _complete fails the step's sequences
             result = asyncio.get_running_loop().create_future()
             result.set_exception(e)
-        return result, self.pipeline.running
+        return result, self.pipeline.running, sum(len(n.prompt_ids) for n in admit)
 
     async def _complete(self, step: _Step) -> None:
         """Wait for a step's result; record it and deliver its tokens (or fail its sequences)."""
-        result_future, batch = step
+        result_future, batch, new_tokens = step
         try:
             result, busy = await result_future
         except Exception as e:
-            self.pipeline.fail_running(e, batch)
+            self.pipeline.fail_step(e)
             return
         self._last_busy = busy
         self.stats.observe_step(busy, batch, result.computed_tokens, result.padding_tokens)
         self.stats.cached_tokens += result.cached_tokens
-        self.pipeline.deliver(result, asyncio.get_running_loop().time())
+        self.cost.observe(batch, new_tokens, busy)
+        now = asyncio.get_running_loop().time()
+        self._token_rate.record(now, self.pipeline.deliver(result, now))
+
+
+def _mean(values: Iterable[int]) -> float:
+    total = n = 0
+    for v in values:
+        total, n = total + v, n + 1
+    return total / n if n else 0.0
 
 
 def _timed_step(

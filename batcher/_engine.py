@@ -12,7 +12,7 @@ import asyncio
 from abc import ABC, abstractmethod
 
 from ._config import BatchConfig
-from ._stats import EngineReport, EngineStats
+from ._stats import EngineReport, EngineStats, TenantTally
 from ._types import Outcome
 from ._wakeup import Wakeup
 from ._worker import WorkerThread
@@ -27,7 +27,7 @@ class Engine(ABC):
         self.index = index
         self.name = str(index)
         self.config = config
-        self.stats = EngineStats()
+        self.stats = EngineStats(tenants=TenantTally(config.tenant_metrics_top_k))
         self.worker = WorkerThread(f"batcher-device-{index}")
         self._wakeup = Wakeup()  # the loop task sleeps on it
         self._idle = Wakeup()  # the batcher's drain waits on it
@@ -49,7 +49,25 @@ class Engine(ABC):
         return self.queue_depth + self.running
 
     def report(self) -> EngineReport:
-        return EngineReport(self.name, self.queue_depth, self.running, self.stats)
+        return EngineReport(self.name, self.queue_depth, self.running, self.stats, self.tenant_queues())
+
+    def tenant_queues(self) -> dict[str, int]:
+        """Requests admitted here and not yet running, by tenant (none for one-shot engines)."""
+        return {}
+
+    def tenant_queued(self, tenant: str) -> int:
+        """Requests of ``tenant`` admitted here and not yet running."""
+        return 0
+
+    def predicted_ttft(self, tenant: str | None) -> float | None:
+        """Seconds until a newcomer's first token here; None when it would join the next step
+        (or nothing is known)."""
+        return None
+
+    def drain_estimate(self, now: float) -> tuple[float, float]:
+        """``(work, rate)``: the work admitted here and the work done per second, in tokens;
+        ``(0, 0)`` when unknown (one-shot engines: admission then uses the request drain rate)."""
+        return 0.0, 0.0
 
     # -- lifecycle (the batcher calls these in this order) -----------------------------------
     async def start(self) -> None:

@@ -28,16 +28,22 @@ class _Seq:
     base: int
     params: SamplingParams
     produced: int
+    limit: int  # max_tokens, counted from the first token (a resumed sequence has some already)
     stop: StopMatcher
     eos_at: int | None
+    poison: bool
 
 
 class FakeBackend:
     """A fake :class:`~batcher.GenerationBackend`.
 
     Markers in a prompt inject behaviour: the word ``REJECT`` makes ``prepare`` refuse it, ``FAIL``
-    makes the backend blame that sequence when it is admitted, and ``eos:N`` ends it with
-    ``finish_reason="stop"`` after N tokens. :meth:`fail_next_steps` makes whole steps raise.
+    makes the backend blame that sequence when it is admitted, ``POISONOUS`` makes every step that
+    holds it raise, and ``eos:N`` ends it with ``finish_reason="stop"`` after N tokens.
+    :meth:`fail_next_steps` makes whole steps raise; ``oom_above`` makes every step of more
+    sequences than that raise ``MemoryError``. A step that raises forgets every sequence, as a
+    backend that resets its batch does; a resumed sequence (``NewSequence.resumed``) continues
+    exactly where it was.
     """
 
     def __init__(
@@ -59,6 +65,8 @@ class FakeBackend:
         self._seqs: dict[int, _Seq] = {}
         self._lock = threading.Lock()
         self._failing_steps = 0
+        #: Steps of more sequences than this raise ``MemoryError`` (None: never).
+        self.oom_above: int | None = None
         #: Thread idents each verb ran on (tests check none is the event loop's).
         self.threads: dict[str, set[int]] = {"start": set(), "prepare": set(), "step": set(), "close": set()}
         #: Batch size of every step, in order (for tests and benchmarks).
@@ -66,6 +74,8 @@ class FakeBackend:
         self.started = False
         self.closed = False
         self._fail_id = self.word_id("FAIL")
+        self._poison_id = self.word_id("POISONOUS")
+        self._poisoned = False  # a POISONOUS sequence was admitted (it may still run)
         self._reject_id = self.word_id("REJECT")
         self._eos_marks = {self.word_id(f"eos:{n}"): n for n in range(1, 257)}
 
@@ -83,6 +93,7 @@ class FakeBackend:
         with self._lock:
             if self._failing_steps:
                 self._failing_steps -= 1
+                self._seqs.clear()
                 raise RuntimeError("injected step failure (FakeBackend.fail_next_steps)")
         for seq_id in drop:
             self._seqs.pop(seq_id, None)
@@ -91,15 +102,11 @@ class FakeBackend:
             if self._fail_id in new.prompt_ids:
                 failed[new.seq_id] = ValueError(f"injected failure for sequence {new.seq_id} (FAIL marker)")
                 continue
-            self._seqs[new.seq_id] = _Seq(
-                self._base(new.prompt_ids, new.params),
-                new.params,
-                0,
-                StopMatcher(new.params.stop),
-                self._eos_at(new.prompt_ids),
-            )
+            seq = self._seqs[new.seq_id] = self._new_seq(new)
+            self._poisoned |= seq.poison
         batch = len(self._seqs)
         self.batch_sizes.append(batch)
+        self._raise_if_broken(batch)
         delay = self.step_time_s + self.step_time_per_seq_s * batch
         if delay > 0:
             time.sleep(delay)
@@ -148,6 +155,28 @@ class FakeBackend:
         return f" t{token_id}"
 
     # -- internals --------------------------------------------------------------------------
+    def _new_seq(self, new: NewSequence) -> _Seq:
+        prompt = new.prompt_ids[: len(new.prompt_ids) - new.resumed]
+        return _Seq(
+            self._base(prompt, new.params),
+            new.params,
+            new.resumed,
+            new.resumed + new.params.max_tokens,
+            StopMatcher(new.params.stop),
+            self._eos_at(prompt),
+            self._poison_id in prompt,
+        )
+
+    def _raise_if_broken(self, batch: int) -> None:
+        """A poisoned sequence, or more than ``oom_above`` of them, makes the step raise (and
+        forget every sequence)."""
+        if self._poisoned and any(s.poison for s in self._seqs.values()):
+            self._seqs.clear()
+            raise RuntimeError("injected step failure (POISONOUS marker)")
+        if self.oom_above is not None and batch > self.oom_above:
+            self._seqs.clear()
+            raise MemoryError(f"injected out of memory: {batch} sequences > oom_above={self.oom_above}")
+
     def _prepare_one(self, prompt: Prompt, params: SamplingParams) -> PreparedPrompt | InvalidRequest:
         ids = self.tokenize(prompt)
         if self._reject_id in ids:
@@ -180,6 +209,6 @@ class FakeBackend:
             return SeqOutput(seq_id, (tok,), text, "stop")
         if s.eos_at is not None and s.produced >= s.eos_at:
             return SeqOutput(seq_id, (tok,), text + s.stop.flush(), "stop")
-        if s.produced >= s.params.max_tokens:
+        if s.produced >= s.limit:
             return SeqOutput(seq_id, (tok,), text + s.stop.flush(), "length")
         return SeqOutput(seq_id, (tok,), text)

@@ -30,10 +30,11 @@ class GenerationBatcher:
 
     def __init__(self, backends: Sequence[GenerationBackend], config: BatchConfig) -> None:
         drain = DrainRate()
-        self.engines = [GenerationEngine(i, b, config, drain) for i, b in enumerate(backends)]
+        self._seq = itertools.count(1)  # seq_ids are unique per batcher, over its engines
+        new_id = self._seq.__next__
+        self.engines = [GenerationEngine(i, b, config, drain, new_id) for i, b in enumerate(backends)]
         self.admission = Admission(config, self.engines, drain)
         self._options = Options(config)
-        self._seq = itertools.count(1)  # seq_ids are unique per batcher, over its engines
 
     def stream(self, prompt: object, options: dict[str, Any]) -> TokenStream:
         """Validate now; admit when the stream is entered or first iterated."""
@@ -52,7 +53,7 @@ class GenerationBatcher:
             raise
 
     def _admit(
-        self, prompt: Prompt, params: SamplingParams, deadline_s: float | None, priority: int
+        self, prompt: Prompt, params: SamplingParams, deadline_s: float | None, priority: int, tenant: str
     ) -> GenRequest:
-        engine = self.admission.admit()
-        return engine.admit(next(self._seq), prompt, params, priority, deadline_s)
+        engine = self.admission.admit(tenant)
+        return engine.admit(next(self._seq), prompt, params, priority, deadline_s, tenant)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 from ._config import BatchConfig
-from ._stats import EngineReport, Histogram
+from ._stats import OTHER_TENANTS, EngineReport, Histogram
 from ._types import OUTCOMES
 
 __all__ = ["Source", "attach", "detach"]
@@ -61,6 +61,7 @@ _COUNTERS = (
     ("batcher_padding_tokens", "padding_tokens", "Token positions computed for padding (waste)."),
     ("batcher_cached_tokens", "cached_tokens", "Prompt tokens served from the prefix cache."),
     ("batcher_executor_busy_seconds", "busy_seconds", "Seconds the device thread spent in steps."),
+    ("batcher_step_splits", "step_splits", "Failed steps retried on smaller batches (fault isolation)."),
 )
 
 
@@ -114,12 +115,41 @@ class _Collector:
             for model, _, e in rows:
                 c.add_metric([model, e.name], float(getattr(e.stats, attr)))
             yield c
+        yield from _tenant_families(rows)
         for name, attr, doc in _HISTOGRAMS:
             h = HistogramMetricFamily(name, doc, labels=_LABELS)
             for model, _, e in rows:
                 hist: Histogram = getattr(e.stats, attr)
                 h.add_metric([model, e.name], _buckets(hist), hist.sum)
             yield h
+
+
+def _tenant_families(rows: list[_Row]) -> Iterator[Any]:
+    """Per tenant: the top k by name, the rest as ``tenant="other"`` (see ``TenantTally``)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    labels = [*_LABELS, "tenant"]
+    tokens = CounterMetricFamily(
+        "batcher_tenant_generated_tokens",
+        "Tokens generated, by tenant (counted when each request ends).",
+        labels=labels,
+    )
+    requests = CounterMetricFamily(
+        "batcher_tenant_requests", "Requests by tenant and how they ended.", labels=[*labels, "outcome"]
+    )
+    queued = GaugeMetricFamily(
+        "batcher_tenant_queue_depth", "Requests waiting to run, by tenant.", labels=labels
+    )
+    for model, _, e in rows:
+        tally = e.stats.tenants
+        other_queued = sum(n for t, n in e.tenant_queues.items() if t not in tally.named)
+        for tenant, counts in tally.rows():
+            tokens.add_metric([model, e.name, tenant], float(counts.tokens))
+            for outcome in OUTCOMES:
+                requests.add_metric([model, e.name, tenant, outcome], counts.outcomes[outcome])
+            n = other_queued if tenant == OTHER_TENANTS else e.tenant_queues.get(tenant, 0)
+            queued.add_metric([model, e.name, tenant], float(n))
+    yield from (tokens, requests, queued)
 
 
 def _buckets(h: Histogram) -> list[tuple[str, float]]:

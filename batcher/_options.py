@@ -14,7 +14,7 @@ from ._config import BatchConfig
 from ._errors import InvalidRequest
 from ._types import Prompt, SamplingParams, logit_bias_pairs
 
-__all__ = ["OPTION_FIELDS", "Options", "Parsed", "check_prompt"]
+__all__ = ["DEFAULT_TENANT", "OPTION_FIELDS", "Options", "Parsed", "check_prompt"]
 
 SAMPLING_FIELDS = frozenset(
     {
@@ -32,10 +32,12 @@ SAMPLING_FIELDS = frozenset(
     }
 )
 #: The keyword options of ``Batcher.stream`` and ``generate`` (:class:`~batcher.GenerationOptions`).
-OPTION_FIELDS = SAMPLING_FIELDS | {"deadline_s", "priority"}
+OPTION_FIELDS = SAMPLING_FIELDS | {"deadline_s", "priority", "tenant"}
+#: The tenant of a request that names none.
+DEFAULT_TENANT = "default"
 
-#: A validated call: prompt, sampling parameters, deadline (seconds from now) and priority.
-Parsed = tuple[Prompt, SamplingParams, float | None, int]
+#: A validated call: prompt, sampling parameters, deadline (seconds from now), priority, tenant.
+Parsed = tuple[Prompt, SamplingParams, float | None, int, str]
 
 
 class Options:
@@ -55,6 +57,7 @@ class Options:
             )
         deadline_s = options.pop("deadline_s", None)
         priority = options.pop("priority", 0)
+        tenant = options.pop("tenant", DEFAULT_TENANT)
         params = self._sampling_params(options)
         if deadline_s is not None and (type(deadline_s) not in (int, float) or not 0 < deadline_s < math.inf):
             raise InvalidRequest(
@@ -64,9 +67,13 @@ class Options:
             raise InvalidRequest(
                 f"priority must be an integer in [-1000000, 1000000], got {priority!r}", field="priority"
             )
+        if type(tenant) is not str or not 0 < len(tenant) <= 256:
+            raise InvalidRequest(
+                f"tenant must be a string of 1 to 256 characters, got {tenant!r:.80}", field="tenant"
+            )
         if type(prompt) is not str or not prompt or not prompt.isascii():
             prompt = check_prompt(prompt)
-        return prompt, params, deadline_s, priority
+        return prompt, params, deadline_s, priority, tenant
 
     def _sampling_params(self, opts: dict[str, Any]) -> SamplingParams:
         """Validated SamplingParams, cached by value and type (so ``True`` never passes for ``1``)."""

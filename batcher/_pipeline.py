@@ -11,13 +11,14 @@ whoever ended it. No tasks and no threads: :class:`~batcher._continuous.Generati
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from ._backend import NewSequence, PreparedPrompt, StepResult
 from ._config import BatchConfig
-from ._errors import InvalidRequest, PromptTooLong, failed
+from ._errors import InvalidRequest, failed
+from ._faults import Isolation, blamed, out_of_memory, resume
 from ._request import RUNNING, WAITING, GenRequest, Stage
-from ._scheduler import plan
+from ._scheduler import FairShare, plan
 from ._stats import DrainRate, EngineStats
 from ._types import Outcome, Prompt, SamplingParams
 
@@ -36,10 +37,13 @@ class Pipeline:
         *,
         wake: Callable[[], None],
         idle: Callable[[], None],
+        new_id: Callable[[], int],
     ) -> None:
-        """``wake`` tells the engine a step has work; ``idle`` that no request is left."""
+        """``wake`` tells the engine a step has work; ``idle`` that no request is left; ``new_id``
+        gives a fresh sequence id (unique per batcher) to a request resumed after a fault."""
         self.config = config
         self.token_budget = token_budget
+        self.batch_cap = config.max_batch_size  # halved by each out-of-memory step
         self.stats = stats
         self._drain = drain
         self._wake_engine = wake
@@ -50,6 +54,11 @@ class Pipeline:
         self._preparing, self._waiting, self._running = self._at
         self._reserved = 0  # KV tokens the running sequences reserved
         self._drop: list[int] = []  # ended on the loop; the backend frees them at the next step
+        self._new_id = new_id
+        self._isolation = Isolation()
+        self.shares = FairShare(config.tenant_weights)
+        #: Requests PREPARING or WAITING, by tenant (tenants with none are absent).
+        self.tenant_queues: dict[str, int] = {}
 
     # -- derived counts -----------------------------------------------------------------------
     @property
@@ -72,9 +81,18 @@ class Pipeline:
     def live(self) -> int:
         return len(self._preparing) + len(self._waiting) + len(self._running)
 
+    def at(self, stage: Stage) -> Collection[GenRequest]:
+        """The requests in ``stage`` (PREPARING, WAITING or RUNNING), oldest first: read only."""
+        return self._at[stage].values()
+
     @property
     def has_drops(self) -> bool:
         return bool(self._drop)
+
+    @property
+    def isolating(self) -> bool:
+        """Whether a failed step's suspects are being probed (one step at a time, then)."""
+        return self._isolation.active
 
     @property
     def has_step_work(self) -> bool:
@@ -83,13 +101,27 @@ class Pipeline:
 
     # -- admit → PREPARING → WAITING ----------------------------------------------------------
     def admit(
-        self, seq_id: int, prompt: Prompt, params: SamplingParams, priority: int, deadline_s: float | None
+        self,
+        seq_id: int,
+        prompt: Prompt,
+        params: SamplingParams,
+        priority: int,
+        deadline_s: float | None,
+        tenant: str = "default",
     ) -> GenRequest:
         loop = asyncio.get_running_loop()
         req = GenRequest(
-            loop, seq_id, prompt, params, priority=priority, deadline_s=deadline_s, on_end=self._ended
+            loop,
+            seq_id,
+            prompt,
+            params,
+            priority=priority,
+            deadline_s=deadline_s,
+            on_end=self._ended,
+            tenant=tenant,
         )
         self._preparing[seq_id] = req
+        self._queued(tenant, 1)
         return req
 
     def queue(self, req: GenRequest, prepared: PreparedPrompt | BaseException) -> None:
@@ -107,33 +139,25 @@ class Pipeline:
         req.prepared(tuple(prepared.token_ids))
         self._move(req, WAITING)
         if self.token_budget is not None and req.cost > self.token_budget:
-            req.finish("rejected", error=self._too_long(req))
+            req.finish("rejected", error=req.too_long(self.token_budget))
             return
         # Wake an idle engine; during its batch window only a full batch ends the wait early.
         waiting = len(self._waiting)
         if waiting == 1 or waiting >= self.config.max_batch_size:
             self._wake_engine()
 
-    def _too_long(self, req: GenRequest) -> PromptTooLong:
-        assert self.token_budget is not None
-        return PromptTooLong(
-            f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.params.max_tokens}) = "
-            f"{req.cost} exceeds the batch token budget of {self.token_budget}: shorten the "
-            "prompt, lower max_tokens, or raise max_batch_tokens",
-            limit=self.token_budget,
-            requested=req.cost,
-        )
-
     # -- WAITING → RUNNING --------------------------------------------------------------------
     def plan(self, now: float) -> list[NewSequence]:
         """Ask the scheduler which waiting requests join the next step; expire the late ones."""
         free_tokens = None if self.token_budget is None else self.token_budget - self._reserved
+        isolating = self._isolation.active
         admit, expired, _ = plan(
-            list(self._waiting.values()),
-            free_slots=self.config.max_batch_size - len(self._running),
+            self._isolation.next_group() if isolating else list(self._waiting.values()),
+            free_slots=self.batch_cap - len(self._running),
             free_tokens=free_tokens,
             now=now,
             aging_s=self.config.priority_aging_s,
+            shares=self.shares,
         )
         for r in expired:
             r.expire()
@@ -144,7 +168,9 @@ class Pipeline:
             stats.queue_wait.observe(now - r.arrival)
             stats.prompt_tokens += len(r.prompt_ids)
         self._drain.record(now, len(admit))
-        return [NewSequence(r.seq_id, r.prompt_ids, r.params) for r in admit]
+        if isolating:
+            self._isolation.probing(admit)
+        return [resume(r) for r in admit]
 
     def take_drops(self) -> list[int]:
         drop, self._drop = self._drop, []
@@ -157,11 +183,13 @@ class Pipeline:
         return any(r.produced + steps < r.params.max_tokens for r in self._running.values())
 
     # -- RUNNING → DONE -----------------------------------------------------------------------
-    def deliver(self, result: StepResult, now: float) -> None:
-        """Fan a step's tokens out to the mailboxes; end the sequences the backend ended."""
+    def deliver(self, result: StepResult, now: float) -> int:
+        """Fan a step's tokens out to the mailboxes; end the sequences the backend ended. Returns
+        the tokens delivered."""
         running = self._running
         stats = self.stats
         generated = 0
+        self._isolation.passed()
         for out in result.outputs:
             r = running.get(out.seq_id)
             if r is None:
@@ -174,8 +202,8 @@ class Pipeline:
                     stats.ttft.observe(now - r.arrival)
                 elif n == 1:
                     stats.itl.observe(now - r.last_token_at)
-                else:
-                    _observe_gaps(stats, (now - r.last_token_at) / n, n)
+                else:  # several tokens in one chunk (pipelined steps): spread the gap
+                    stats.itl.observe_many((now - r.last_token_at) / n, n)
                 r.last_token_at = now
             if n or out.text:
                 r.push(out.token_ids, out.text)
@@ -189,6 +217,7 @@ class Pipeline:
         stats.generated_tokens += generated
         if result.failed:
             self._fail_blamed(result.failed)
+        return generated
 
     def _fail_blamed(self, blamed: dict[int, BaseException]) -> None:
         """The backend blamed these sequences for an error (and freed them): each fails alone."""
@@ -198,11 +227,42 @@ class Pipeline:
                 self._release(r)
                 r.finish("failed", error=failed("the backend failed this sequence", err))
 
-    def fail_running(self, cause: BaseException, batch: int) -> None:
-        """A whole step raised: fail its sequences, drop them at the next step, keep serving."""
-        error = failed(f"the backend failed a step of {batch} sequences; the engine goes on", cause)
-        for r in list(self._running.values()):
-            r.finish("failed", error=error)
+    def fail_step(self, cause: BaseException) -> None:
+        """A whole step raised: every running sequence goes back to the queue to resume, but the
+        one to blame, if found, which fails alone (see :mod:`batcher._faults`)."""
+        lost = list(self._running.values())
+        if not lost:
+            return
+        if len(lost) == 1:
+            culprit: GenRequest | None = lost[0]
+        elif out_of_memory(cause):
+            culprit = None
+            self._shrink(len(lost))
+            self._isolation.forget_probe()
+        else:
+            culprit = self._isolation.blame(lost)
+        if culprit is None:
+            self.stats.step_splits += 1
+        waiting = dict(self._waiting)  # the resumed go first: they are the oldest
+        self._waiting.clear()
+        for r in lost:
+            self._release(r)
+            self._drop.append(r.seq_id)  # whatever the backend still holds of it
+            if r is culprit:
+                r.finish("failed", error=blamed(cause, oom=out_of_memory(cause)))
+            else:
+                r.seq_id, r.stage = self._new_id(), WAITING
+                self._waiting[r.seq_id] = r
+                self._queued(r.tenant, 1)
+        self._waiting.update(waiting)
+        self._wake_engine()
+
+    def _shrink(self, batch: int) -> None:
+        """Out of memory at ``batch`` sequences: halve the batch cap and the token budget (never
+        below the largest request running, which must still fit)."""
+        self.batch_cap = max(1, min(self.batch_cap, batch) // 2)
+        largest = max(r.cost for r in self._running.values())
+        self.token_budget = max(largest, self._reserved // 2)
 
     def end_all(self, outcome: Outcome, error: BaseException) -> None:
         for r in [*self._preparing.values(), *self._waiting.values(), *self._running.values()]:
@@ -213,6 +273,16 @@ class Pipeline:
         del self._at[req.stage][req.seq_id]
         req.stage = to
         self._at[to][req.seq_id] = req
+        if to == RUNNING:
+            self._queued(req.tenant, -1)
+
+    def _queued(self, tenant: str, n: int) -> None:
+        queues = self.tenant_queues
+        left = queues.get(tenant, 0) + n
+        if left:
+            queues[tenant] = left
+        else:
+            del queues[tenant]
 
     def _release(self, req: GenRequest) -> None:
         """The backend freed this sequence (it finished or failed it): give back its tokens."""
@@ -221,17 +291,14 @@ class Pipeline:
 
     def _ended(self, req: GenRequest, was: Stage, duration: float) -> None:
         """Every request's end, whoever ended it (:data:`~batcher._request.OnEnd`)."""
-        if self._at[was].pop(req.seq_id, None) is not None and was == RUNNING:
-            self._reserved -= req.cost
-            self._drop.append(req.seq_id)  # the backend still holds it: free it at the next step
-            self._wake_engine()
+        if self._at[was].pop(req.seq_id, None) is not None:
+            if was == RUNNING:
+                self._reserved -= req.cost
+                self._drop.append(req.seq_id)  # the backend still holds it: free it at the next step
+                self._wake_engine()
+            else:
+                self._queued(req.tenant, -1)
         assert req.outcome is not None
-        self.stats.count(req.outcome, duration)
+        self.stats.count(req.outcome, duration, req.tenant, req.produced)
         if not (self._preparing or self._waiting or self._running):
             self._idle()
-
-
-def _observe_gaps(stats: EngineStats, gap: float, n: int) -> None:
-    """Several tokens arrived in one chunk (pipelined steps): spread the gap evenly over them."""
-    for _ in range(n):
-        stats.itl.observe(gap)

@@ -13,7 +13,7 @@ import asyncio
 from collections.abc import Callable, Sequence
 from enum import IntEnum
 
-from ._errors import DeadlineExceeded
+from ._errors import DeadlineExceeded, PromptTooLong
 from ._types import Chunk, FinishReason, Outcome, Prompt, SamplingParams, Usage
 from ._wakeup import release
 
@@ -52,6 +52,7 @@ class GenRequest:
         "cost",
         "deadline",
         "first_token_at",
+        "generated",
         "last_token_at",
         "outcome",
         "params",
@@ -61,6 +62,7 @@ class GenRequest:
         "prompt_ids",
         "seq_id",
         "stage",
+        "tenant",
     )
 
     def __init__(
@@ -73,6 +75,7 @@ class GenRequest:
         priority: int,
         deadline_s: float | None,
         on_end: OnEnd,
+        tenant: str = "default",
     ) -> None:
         self._loop = loop
         self._on_end = on_end
@@ -80,12 +83,14 @@ class GenRequest:
         self.prompt = prompt
         self.params = params
         self.priority = priority
+        self.tenant = tenant
         self.arrival = loop.time()
         self.deadline = None if deadline_s is None else self.arrival + deadline_s
         self.stage = PREPARING
         self.prompt_ids: tuple[int, ...] = ()
         self.cost = 0  # KV tokens reserved while running: prompt + max_tokens
         self.produced = 0
+        self.generated: list[int] = []  # every id delivered: a resumed sequence's prompt tail
         self.first_token_at: float | None = None
         self.last_token_at = 0.0
         self.outcome: Outcome | None = None
@@ -111,6 +116,7 @@ class GenRequest:
     def push(self, ids: Sequence[int], text: str) -> None:
         """Deliver new tokens (merged with any the consumer has not taken yet)."""
         self._ids.extend(ids)
+        self.generated.extend(ids)
         if text:
             self._texts.append(text)
         self.produced += len(ids)
@@ -132,6 +138,16 @@ class GenRequest:
         self._on_end(self, was, self._loop.time() - self.arrival)
         release(self._prepared_waiter)
         self._wake()
+
+    def too_long(self, budget: int) -> PromptTooLong:
+        """The error of a request whose prompt + max_tokens can never fit ``budget`` KV tokens."""
+        return PromptTooLong(
+            f"prompt ({len(self.prompt_ids)} tokens) + max_tokens ({self.params.max_tokens}) = "
+            f"{self.cost} exceeds the batch token budget of {budget}: shorten the "
+            "prompt, lower max_tokens, or raise max_batch_tokens",
+            limit=budget,
+            requested=self.cost,
+        )
 
     def cancel(self) -> None:
         self.finish("cancelled")

@@ -9,12 +9,22 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ._types import OUTCOMES, Outcome
 
-__all__ = ["BatcherStats", "DrainRate", "EngineReport", "EngineStats", "Histogram", "merge"]
+__all__ = [
+    "OTHER_TENANTS",
+    "BatcherStats",
+    "DrainRate",
+    "EngineReport",
+    "EngineStats",
+    "Histogram",
+    "TenantCounts",
+    "TenantTally",
+    "merge",
+]
 
 LATENCY_BUCKETS = (
     0.001,
@@ -58,6 +68,10 @@ class Histogram:
         self.counts[bisect_left(self.bounds, value)] += 1
         self.sum += value
 
+    def observe_many(self, value: float, n: int) -> None:
+        self.counts[bisect_left(self.bounds, value)] += n
+        self.sum += value * n
+
     @property
     def count(self) -> int:
         return sum(self.counts)
@@ -76,6 +90,79 @@ class Histogram:
                 return lo + (self.bounds[i] - lo) * (rank - seen) / c
             seen += c
         return self.bounds[-1]
+
+
+#: The ``tenant`` label of every tenant not among the top k.
+OTHER_TENANTS = "other"
+
+
+class TenantCounts:
+    """One tenant's (or "other"'s) tokens generated and requests ended, by outcome."""
+
+    __slots__ = ("outcomes", "tokens")
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.outcomes: dict[Outcome, int] = dict.fromkeys(OUTCOMES, 0)
+
+    def absorb(self, other: TenantCounts) -> None:
+        self.tokens += other.tokens
+        for k, v in other.outcomes.items():
+            self.outcomes[k] += v
+
+
+class TenantTally:
+    """Per-tenant counts for at most ``k`` tenants by name, the heaviest by tokens; the rest are
+    summed as :data:`OTHER_TENANTS`, so cardinality stays bounded whatever names clients send.
+
+    Exported counters stay monotonic: a tenant that comes to weigh twice the lightest named one
+    takes its name slot and starts its own series at 0 (what it had stays in "other"); the one it
+    displaces adds its counts to "other". Scores of unnamed tenants are kept for at most ``8 * k``
+    of them (the heaviest).
+    """
+
+    __slots__ = ("_score", "k", "named", "other")
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.named: dict[str, TenantCounts] = {}
+        self.other = TenantCounts()
+        self._score: dict[str, int] = {}
+
+    def ended(self, tenant: str, outcome: Outcome, tokens: int = 0) -> None:
+        """A request of ``tenant`` ended with ``outcome`` after ``tokens`` generated tokens (they
+        count when the request ends, off the per-token path)."""
+        if tokens:
+            self._score[tenant] = self._score.get(tenant, 0) + tokens
+        counts = self._counts(tenant)
+        counts.tokens += tokens
+        counts.outcomes[outcome] += 1
+
+    def _counts(self, tenant: str) -> TenantCounts:
+        counts = self.named.get(tenant)
+        if counts is not None:
+            return counts
+        if tenant == OTHER_TENANTS:  # a tenant of that name shares the label
+            return self.other
+        score = self._score
+        if len(self.named) >= self.k:
+            lightest = min(self.named, key=lambda t: score.get(t, 0))
+            if score.get(tenant, 0) <= 2 * score.get(lightest, 0):
+                self._bound_scores()
+                return self.other
+            self.other.absorb(self.named.pop(lightest))
+        counts = self.named[tenant] = TenantCounts()
+        return counts
+
+    def _bound_scores(self) -> None:
+        if len(self._score) > 9 * self.k:
+            unnamed = sorted((t for t in self._score if t not in self.named), key=self._score.__getitem__)
+            for t in unnamed[: len(unnamed) - 4 * self.k]:
+                del self._score[t]
+
+    def rows(self) -> list[tuple[str, TenantCounts]]:
+        """Every named tenant, then "other"."""
+        return [*self.named.items(), (OTHER_TENANTS, self.other)]
 
 
 @dataclass
@@ -97,12 +184,19 @@ class EngineStats:
     cached_tokens: int = 0  # prompt tokens a backend's prefix cache served
     busy_seconds: float = 0.0
     steps: int = 0
+    step_splits: int = 0  # failed steps retried on smaller batches (batcher._faults)
+    tenants: TenantTally = field(default_factory=lambda: TenantTally(10))
 
-    def count(self, outcome: Outcome, duration: float | None = None) -> None:
-        """One request ended (or was refused) with ``outcome``, ``duration`` after admission."""
+    def count(
+        self, outcome: Outcome, duration: float | None = None, tenant: str | None = None, tokens: int = 0
+    ) -> None:
+        """One request (of ``tenant``, if known) ended or was refused with ``outcome``,
+        ``duration`` after admission, after generating ``tokens``."""
         self.outcomes[outcome] += 1
         if duration is not None:
             self.duration.observe(duration)
+        if tenant is not None:
+            self.tenants.ended(tenant, outcome, tokens)
 
     def observe_step(
         self, busy: float, batch: int, computed_tokens: int | None = None, padding_tokens: int = 0
@@ -129,10 +223,12 @@ class EngineReport:
     queue_depth: int
     running: int
     stats: EngineStats
+    tenant_queues: Mapping[str, int] = field(default_factory=dict)  # queued requests by tenant
 
 
 class DrainRate:
-    """Requests leaving the queue per second over a sliding window: the base of ``retry_after``."""
+    """Events per second over a sliding window: requests leaving the queue, tokens delivered,
+    requests arriving (the bases of ``retry_after``, and of the batch window)."""
 
     __slots__ = ("_events", "_total", "_window")
 
@@ -148,11 +244,15 @@ class DrainRate:
         self._trim(now)
 
     def per_second(self, now: float) -> float:
+        """Events per second since the first in the window (which opens the span, so it is not
+        counted in it); with a single event, that event over at least 50 ms."""
         self._trim(now)
         if not self._events:
             return 0.0
-        span = max(now - self._events[0][0], 0.05)
-        return self._total / span
+        first_at, first_n = self._events[0]
+        if len(self._events) > 1 and now > first_at:
+            return (self._total - first_n) / (now - first_at)
+        return self._total / max(now - first_at, 0.05)
 
     def _trim(self, now: float) -> None:
         while self._events and now - self._events[0][0] > self._window:
@@ -173,6 +273,7 @@ class BatcherStats:
     mean_batch_size: float
     ttft_p50: float
     ttft_p99: float
+    tenant_tokens: dict[str, int]  # tokens of ended requests by tenant: top k by name, then "other"
 
 
 def merge(reports: Sequence[EngineReport]) -> BatcherStats:
@@ -195,4 +296,13 @@ def merge(reports: Sequence[EngineReport]) -> BatcherStats:
         mean_batch_size=batch.sum / batch.count if batch.count else 0.0,
         ttft_p50=ttft.quantile(0.5),
         ttft_p99=ttft.quantile(0.99),
+        tenant_tokens=_tenant_tokens(every),
     )
+
+
+def _tenant_tokens(every: Sequence[EngineStats]) -> dict[str, int]:
+    tokens: dict[str, int] = {}
+    for s in every:
+        for tenant, counts in s.tenants.rows():
+            tokens[tenant] = tokens.get(tenant, 0) + counts.tokens
+    return tokens

@@ -52,7 +52,9 @@ class GenerationOptions(TypedDict, total=False):
     ``frequency_penalty`` (in [-2, 2], over generated tokens), ``repetition_penalty`` (1 = off,
     over prompt and generated tokens) and ``logit_bias`` (token id -> bias in [-100, 100]).
     Scheduling: ``deadline_s`` (seconds from now; the request fails with
-    :class:`DeadlineExceeded` past it) and ``priority`` (higher runs first; waiting raises it).
+    :class:`DeadlineExceeded` past it), ``priority`` (higher runs first among the tenant's own
+    requests; waiting raises it) and ``tenant`` (who is asking: tenants share the batch by their
+    ``BatchConfig.tenant_weights``; default ``"default"``).
     """
 
     max_tokens: int
@@ -68,6 +70,7 @@ class GenerationOptions(TypedDict, total=False):
     logit_bias: Mapping[int, float] | None
     deadline_s: float | None
     priority: int
+    tenant: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -30,7 +30,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -164,7 +164,11 @@ class ServerState:
             backend = await asyncio.to_thread(self.backend_factory)
             size = await asyncio.to_thread(PromptLimits.for_backend, backend, self.settings)
             name = self.settings.served_model_names[0] if self.settings.served_model_names else None
-            batcher = Batcher(backend, config=self.settings.batch, registry=self.registry, model_name=name)
+            weights = {k.tenant: k.weight for k in self.settings.api_keys}  # each key's tenant's share
+            config = replace(
+                self.settings.batch, tenant_weights={**weights, **self.settings.batch.tenant_weights}
+            )
+            batcher = Batcher(backend, config=config, registry=self.registry, model_name=name)
             await batcher.__aenter__()
         except Exception as e:
             log.error("could not load the model %s: %s", what, _one_line(e))

@@ -34,6 +34,7 @@ from batcher import (
 )
 
 from ._asgi import CLIENT_CLOSED, FORCED, EventStream, LiveSet, request_context, until_disconnect
+from ._auth import DEFAULT_TENANT
 from ._openai import (
     SSE_DONE,
     ChatRequest,
@@ -68,7 +69,10 @@ async def generate(
     for prompt in prompts:
         state.size.check(prompt)
     batcher = state.require_batcher()
-    request_context(request.scope).admitted = True  # from here the batcher counts refusals
+    ctx = request_context(request.scope)
+    # fair queuing: the API key's tenant, else the OpenAI `user` field, else the shared tenant
+    options["tenant"] = ctx.tenant if ctx.tenant != DEFAULT_TENANT else (body.user or DEFAULT_TENANT)[:256]
+    ctx.admitted = True  # from here the batcher counts refusals
     shape = ResponseShape(chat=chat, model=state.model_name)
     resources = AsyncExitStack()
     try:

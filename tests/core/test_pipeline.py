@@ -4,6 +4,7 @@ end through one callback. Driven by hand here, with no engine, thread or backend
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import pytest
 
@@ -24,6 +25,7 @@ def pipeline(token_budget: int | None = None, **config: int) -> tuple[Pipeline, 
         DrainRate(),
         wake=lambda: calls.append("wake"),
         idle=lambda: calls.append("idle"),
+        new_id=itertools.count(100).__next__,
     )
     return p, calls
 
@@ -82,21 +84,58 @@ async def test_prepare_results_refuse_what_can_never_run() -> None:
     assert p.stats.outcomes["rejected"] == 3 and p.stats.outcomes["failed"] == 1
 
 
-async def test_a_failed_step_fails_and_drops_every_running_sequence() -> None:
+async def test_a_failed_step_resumes_its_sequences_and_bisects_to_the_one_to_blame() -> None:
     p, _ = pipeline(token_budget=100)
-    reqs = [admit(p, i) for i in (1, 2)]
+    loop = asyncio.get_running_loop()
+    reqs = [admit(p, i, max_tokens=4) for i in (1, 2, 3)]
     for r in reqs:
         p.queue(r, PreparedPrompt([1]))
-    p.plan(asyncio.get_running_loop().time())
-    p.fail_running(RuntimeError("device lost"), batch=2)
-    assert [r.outcome for r in reqs] == ["failed", "failed"] and sorted(p.take_drops()) == [1, 2]
-    with pytest.raises(RequestFailed, match="device lost"):
-        reqs[0].take_chunk()
-    # the budget the two reserved is free again: both fit once more
-    again = [admit(p, i) for i in (3, 4)]
-    for r in again:
-        p.queue(r, PreparedPrompt(list(range(45))))
-    assert len(p.plan(asyncio.get_running_loop().time())) == 2
+    assert [n.seq_id for n in p.plan(loop.time())] == [1, 2, 3]
+    p.deliver(StepResult([SeqOutput(i, (10 + i,), "x") for i in (1, 2, 3)]), loop.time())
+    p.fail_step(RuntimeError("device lost"))
+    # nobody failed: all three wait again under fresh ids, their old ids are dropped
+    assert [r.stage for r in reqs] == [WAITING] * 3 and sorted(p.take_drops()) == [1, 2, 3]
+    assert p.isolating and p.stats.step_splits == 1 and counts(p) == (0, 3, 0, 3, 3)
+    # the first half (request 1) is probed alone, resumed from prompt + its token so far
+    probe = p.plan(loop.time())
+    assert [(tuple(n.prompt_ids), n.resumed, n.params.max_tokens) for n in probe] == [((1, 11), 1, 3)]
+    assert probe[0].seq_id >= 100
+    p.deliver(StepResult([SeqOutput(probe[0].seq_id, (21,), "y")]), loop.time())  # it passes
+    # the second half (2 and 3) joins; that step raises: only the probed half is suspect
+    second = p.plan(loop.time())
+    assert [tuple(n.prompt_ids) for n in second] == [(1, 12), (1, 13)]
+    p.fail_step(RuntimeError("bad again"))
+    assert reqs[0].stage == WAITING, "a cleared request is not a suspect"
+    p.plan(loop.time())  # probes request 2 alone
+    assert [r.stage for r in reqs] == [WAITING, RUNNING, WAITING]
+    p.fail_step(RuntimeError("bad at last"))
+    assert reqs[1].outcome == "failed" and [r.stage for r in reqs] == [WAITING, DONE, WAITING]
+    chunk = reqs[1].take_chunk()
+    assert chunk is not None and chunk.token_ids == (12,)  # what it had is still delivered
+    with pytest.raises(RequestFailed, match="bad at last"):
+        reqs[1].take_chunk()
+    # the rest of that half is probed, passes, then isolation is over and request 1 runs again
+    last = p.plan(loop.time())
+    assert [tuple(n.prompt_ids) for n in last] == [(1, 13)]
+    p.deliver(StepResult([SeqOutput(last[0].seq_id, (31,), "z")]), loop.time())
+    assert not p.isolating and [tuple(n.prompt_ids) for n in p.plan(loop.time())] == [(1, 11, 21)]
+    assert p.stats.step_splits == 2 and p.stats.outcomes["failed"] == 1
+
+
+async def test_out_of_memory_halves_the_batch_and_the_budget() -> None:
+    p, _ = pipeline(token_budget=1000, max_batch_size=8)
+    loop = asyncio.get_running_loop()
+    reqs = [admit(p, i, max_tokens=4) for i in range(1, 9)]
+    for r in reqs:
+        p.queue(r, PreparedPrompt([1, 2]))
+    assert len(p.plan(loop.time())) == 8
+    p.fail_step(MemoryError("out of memory"))
+    assert all(r.stage == WAITING for r in reqs) and not p.isolating
+    assert p.batch_cap == 4 and p.token_budget == 8 * 6 // 2
+    assert len(p.plan(loop.time())) == 4
+    p.fail_step(type("OutOfMemoryError", (RuntimeError,), {})("CUDA out of memory"))  # torch's, by name
+    assert p.batch_cap == 2 and p.stats.step_splits == 2
+    assert len(p.plan(loop.time())) == 2
 
 
 async def test_end_all_ends_every_stage_once() -> None:

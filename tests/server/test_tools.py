@@ -213,3 +213,8 @@ def test_loadgen_refuses_remote_targets(tmp_path: Path) -> None:
     cmd = [sys.executable, "examples/loadgen.py", "--url", "http://example.com:8000"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--allow-remote" in r.stderr
+
+
+def test_ttft_slo_flag_reaches_the_batch_config() -> None:
+    assert parse_settings(["serve", "--model", "fake", "--ttft-slo", "0.5"]).batch.ttft_slo_s == 0.5
+    assert parse_settings(["serve", "--model", "fake"]).batch.ttft_slo_s is None
