@@ -36,9 +36,12 @@ async def test_scale_down_under_load_cuts_no_stream(ray_server_factory: Callable
     logs: list[dict[str, Any]] = [{"first": asyncio.Event()} for _ in short + long]
     async with httpx.AsyncClient(base_url=server.url, timeout=90) as http:
         started = time.monotonic()
-        tasks = [
-            asyncio.create_task(_sse(http, p, n, log)) for (p, n), log in zip(short + long, logs, strict=True)
-        ]
+        tasks = []
+        for (p, n), log in zip(short + long, logs, strict=True):
+            tasks.append(asyncio.create_task(_sse(http, p, n, log)))
+            # Arrivals a moment apart, as clients are: the router sees each one's queued work
+            # before it places the next (20 at the same instant could all land on one replica).
+            await asyncio.sleep(0.05)
         await asyncio.gather(*tasks[: len(short)])
         long_logs = logs[len(short) :]
         assert {log["replica"] for log in long_logs} == set(both), "long streams did not reach both replicas"
