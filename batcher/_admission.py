@@ -117,9 +117,10 @@ class Admission(Generic[E]):
             work, rate = work + w, rate + r
         if rate <= 0:  # no token rate (one-shot engines, or nothing served yet): requests
             work, rate = self.queue_depth, self.drain.per_second(now)
-        if rate <= 0:
-            return 1.0
-        return min(max(work / rate * self._jitter.uniform(0.75, 1.25), 0.05), 300.0)
+        spread = self._jitter.uniform(0.75, 1.25)  # refused clients must not retry in lockstep
+        if rate <= 0:  # nothing measured yet: about a second
+            return spread
+        return min(max(work / rate * spread, 0.05), 300.0)
 
     def _closed_message(self) -> str:
         if self.state in ("new", "starting"):

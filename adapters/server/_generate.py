@@ -190,6 +190,18 @@ class SSEResponse(EventStream, Response):
         self.background = None
 
 
+def retry_headers(seconds: float) -> dict[str, str]:
+    """``Retry-After`` (whole seconds, as HTTP defines it, at least 1) and OpenAI's
+    ``retry-after-ms`` (the jittered estimate itself: the official clients read it first, so
+    refused clients spread out below a second too)."""
+    if not math.isfinite(seconds) or seconds <= 0:
+        seconds = 1.0
+    return {
+        "retry-after": str(max(1, math.ceil(seconds))),
+        "retry-after-ms": str(max(1, round(seconds * 1000))),
+    }
+
+
 def error_response(e: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
     """Status, OpenAI error body and extra headers for an error of ours."""
     if isinstance(e, PromptTooLong):
@@ -201,8 +213,11 @@ def error_response(e: BaseException) -> tuple[int, dict[str, Any], dict[str, str
     if isinstance(e, InvalidRequest):
         return 400, error_body(str(e), type="invalid_request_error", param=e.field), {}
     if isinstance(e, Overloaded):
-        retry = str(max(1, math.ceil(e.retry_after))) if math.isfinite(e.retry_after) else "1"
-        return 429, error_body(str(e), type="overloaded_error", code="queue_full"), {"retry-after": retry}
+        return (
+            429,
+            error_body(str(e), type="overloaded_error", code="queue_full"),
+            retry_headers(e.retry_after),
+        )
     if isinstance(e, BatcherClosed):
         return 503, error_body(str(e), type="service_unavailable", code="unavailable"), {"retry-after": "1"}
     if isinstance(e, DeadlineExceeded):

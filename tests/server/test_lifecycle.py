@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import signal
 from collections.abc import Callable
 from typing import Any
@@ -91,10 +92,17 @@ async def test_queue_full_is_429_with_retry_after(server_factory: Factory) -> No
         statuses = sorted(r.status_code for r in results)
         assert statuses.count(200) >= 2 and statuses.count(429) >= 1, statuses
         assert set(statuses) == {200, 429}
+        waits = []
         for r in results:
             if r.status_code == 429:
-                assert int(r.headers["retry-after"]) >= 1
+                # Retry-After in whole seconds (HTTP), retry-after-ms the jittered estimate itself
+                waits.append(int(r.headers["retry-after-ms"]) / 1000)
+                assert int(r.headers["retry-after"]) == max(1, math.ceil(waits[-1]))
                 assert r.json()["error"]["code"] == "queue_full"
+        # up to three requests of ten 0.1 s steps are ahead: a drain estimate, not a constant
+        assert all(0.5 <= w <= 12 for w in waits), waits
+        if len(waits) >= 3:
+            assert len(set(waits)) > 1, f"no jitter: {waits}"
         assert await scrape(http, "batcher_requests_total", outcome="overloaded") == statuses.count(429)
         # a streaming request is refused the same way, before any SSE byte: fill the queue
         # (one running, two waiting) one request at a time, then stream
