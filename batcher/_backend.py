@@ -48,9 +48,12 @@ class PrepareRequest:
 
 @dataclass(frozen=True, slots=True)
 class PreparedPrompt:
-    """A tokenized prompt. ``token_ids`` are what the model will prefill."""
+    """A tokenized prompt. ``token_ids`` are what the model will prefill; ``cached_tokens`` how many
+    of the first of them the backend expects to serve from a prefix cache (a hint the scheduler
+    charges less for: it may be stale by the time the sequence is admitted)."""
 
     token_ids: Sequence[int]
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
