@@ -26,6 +26,7 @@ Layout (a module imports only modules below it; ``batcher`` never imports torch 
     _fake         FakeBackend, a deterministic timed backend for tests and benchmarks
     _backend      the backend protocol (start / prepare / step / close) and its value types
     _text         StopMatcher: stop strings that never leak into a stream
+    _response_format  ResponseFormat: structured output (JSON, a schema, a tool call) as plain data
     _config, _types, _errors   configuration, value types, the exception tree
 """
 

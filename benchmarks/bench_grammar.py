@@ -29,8 +29,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from batcher.adapters.hf._grammar import GrammarCompiler, Matcher, ResponseFormat, TokenMasks
+from batcher.adapters.hf._grammar import GrammarCompiler, Matcher, TokenMasks
 from batcher.adapters.hf._load import embedded_model_dir
+
+from batcher._response_format import ResponseFormat
 
 EOS = 2
 SCHEMA = {

@@ -3,9 +3,8 @@
 The grammar engine is llguidance (why, with the measurements: ``docs/structured-output.md``).
 Pieces, in the order a request meets them:
 
-* :class:`ResponseFormat`: what the output must be, as plain data (the type and a schema's JSON
-  text); :func:`tool_call_format` turns function tools into one: an object naming one of the tools
-  and holding its arguments.
+* :class:`~batcher._response_format.ResponseFormat` (torch-free, in the core): what the output
+  must be, as plain data; ``tool_call_format`` makes one from function tools.
 * :class:`GrammarCompiler`: the model's tokenizer as llguidance sees it (built once, ~0.4 s), and
   a cache of compiled grammars by format; :meth:`~GrammarCompiler.matcher` gives a sequence its
   own :class:`Matcher` (a copy of the cached one, a few microseconds). A schema that does not
@@ -18,7 +17,7 @@ Pieces, in the order a request meets them:
   Rows without a grammar are untouched, and a batch without any costs one Python loop over its
   rows and nothing on the device.
 
-Threads: everything but :class:`ResponseFormat` runs on the device thread, except
+Threads: everything runs on the device thread, except
 :meth:`GrammarCompiler.check` (the host thread of ``prepare``, so a bad schema is refused before the
 request is queued); the compiler's cache takes a lock. llguidance releases the GIL while it compiles
 a grammar and while it computes a mask.
@@ -26,31 +25,22 @@ a grammar and while it computes a mask.
 
 from __future__ import annotations
 
-import json
 import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from batcher import InvalidRequest
+from batcher._response_format import ResponseFormat
 
 if TYPE_CHECKING:
     import llguidance
 
-__all__ = [
-    "GrammarCompiler",
-    "Matcher",
-    "ResponseFormat",
-    "TokenMasks",
-    "tool_call_format",
-]
-
-FormatType = Literal["json_object", "json_schema"]
+__all__ = ["GrammarCompiler", "Matcher", "TokenMasks", "banned_on_device", "banned_on_host"]
 
 #: JSON is generated with ``json.dumps``'s separators and no other whitespace. With free
 #: whitespace SmolLM2 pretty-prints and wanders: 12 of the real-model test's 20 prompts finished
@@ -62,67 +52,6 @@ _JSON_OPTIONS: dict[str, Any] = {
 }
 _CACHE_SIZE = 256  # compiled grammars kept (a pristine matcher each: a few kB to a few MB)
 _INSTALL = "install it with `pip install 'llm-batcher[hf]'` (or `pip install llguidance`)"
-
-
-@dataclass(frozen=True, slots=True)
-class ResponseFormat:
-    """What a sequence's output must be. ``json_object``: any JSON object. ``json_schema``: an
-    instance of ``schema`` (JSON text of a JSON Schema; properties come out in its order).
-    Build one with :meth:`json_object`, :meth:`json_schema` or :func:`tool_call_format`."""
-
-    type: FormatType
-    schema: str = ""
-
-    def __post_init__(self) -> None:
-        if self.type not in ("json_object", "json_schema"):
-            raise InvalidRequest(
-                f"response_format type must be 'json_object' or 'json_schema', got {self.type!r}",
-                field="response_format",
-            )
-        if self.type == "json_object" and self.schema:
-            raise InvalidRequest(
-                "a json_object response_format takes no schema: use type 'json_schema'",
-                field="response_format",
-            )
-        if self.type == "json_schema":
-            try:
-                parsed = json.loads(self.schema)
-            except ValueError as exc:
-                raise InvalidRequest(
-                    f"response_format schema is not valid JSON ({exc}): send a JSON Schema object",
-                    field="response_format",
-                ) from exc
-            if not isinstance(parsed, dict):
-                raise InvalidRequest(
-                    f"response_format schema must be a JSON object, got {type(parsed).__name__}",
-                    field="response_format",
-                )
-
-    @classmethod
-    def json_object(cls) -> ResponseFormat:
-        return cls("json_object")
-
-    @classmethod
-    def json_schema(cls, schema: Mapping[str, Any]) -> ResponseFormat:
-        """From a parsed schema (key order kept: it is the order the properties are generated in)."""
-        return cls("json_schema", json.dumps(schema, separators=(",", ":"), ensure_ascii=False))
-
-
-def tool_call_format(tools: Sequence[tuple[str, Mapping[str, Any]]]) -> ResponseFormat:
-    """A format that forces one call of one of ``tools`` (``(name, parameters schema)`` pairs):
-    ``{"name": <one of the names>, "arguments": <an instance of that tool's parameters>}``."""
-    if not tools:
-        raise InvalidRequest("tools must name at least one function", field="tools")
-    calls = [
-        {
-            "type": "object",
-            "properties": {"name": {"const": name}, "arguments": dict(params) or {"type": "object"}},
-            "required": ["name", "arguments"],
-            "additionalProperties": False,
-        }
-        for name, params in tools
-    ]
-    return ResponseFormat.json_schema(calls[0] if len(calls) == 1 else {"anyOf": calls})
 
 
 class Matcher:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +13,11 @@ pytest.importorskip("llguidance")
 from batcher.adapters.hf._grammar import (  # noqa: E402
     GrammarCompiler,
     Matcher,
-    ResponseFormat,
     TokenMasks,
-    tool_call_format,
 )
 
 from batcher import InvalidRequest  # noqa: E402
+from batcher._response_format import ResponseFormat, tool_call_format  # noqa: E402
 
 EOS = 2  # <|im_end|>
 SCHEMA = {
@@ -166,25 +164,6 @@ def test_a_schema_that_does_not_compile_is_an_invalid_request(
     assert info.value.field == "response_format"
 
 
-@pytest.mark.parametrize(
-    ("kind", "schema", "words"),
-    [
-        ("xml", "", "json_object"),
-        ("json_object", '{"type": "object"}', "takes no schema"),
-        ("json_schema", "{not json", "not valid JSON"),
-        ("json_schema", "[1, 2]", "must be a JSON object"),
-    ],
-)
-def test_a_malformed_format_is_refused_on_construction(kind: Any, schema: str, words: str) -> None:
-    with pytest.raises(InvalidRequest, match=words):
-        ResponseFormat(kind, schema)
-
-
-def test_schema_key_order_is_kept() -> None:
-    fmt = ResponseFormat.json_schema({"type": "object", "properties": {"z": {}, "a": {}}})
-    assert list(json.loads(fmt.schema)["properties"]) == ["z", "a"]
-
-
 def test_a_tool_call_names_one_tool_and_holds_its_arguments(
     tokenizer: Any, compiler: GrammarCompiler
 ) -> None:
@@ -203,12 +182,6 @@ def test_a_tool_call_names_one_tool_and_holds_its_arguments(
     for t in ids(tokenizer, '{"name": "get_weather", "arguments": {}'):
         missing.advance(t)
     assert missing.error
-
-
-def test_no_tools_is_refused() -> None:
-    with pytest.raises(InvalidRequest, match="at least one") as info:
-        tool_call_format([])
-    assert info.value.field == "tools"
 
 
 def test_the_host_and_device_unpackings_agree() -> None:

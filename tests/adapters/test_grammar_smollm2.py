@@ -24,10 +24,10 @@ jsonschema = pytest.importorskip("jsonschema")
 
 from batcher.adapters.hf._grammar import (  # noqa: E402
     GrammarCompiler,
-    ResponseFormat,
     TokenMasks,
-    tool_call_format,
 )
+
+from batcher._response_format import ResponseFormat, tool_call_format  # noqa: E402
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
