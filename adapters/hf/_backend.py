@@ -17,12 +17,13 @@ from typing import Any
 
 import torch
 
-from batcher import InvalidRequest, Prompt, PromptTooLong
+from batcher import InvalidRequest, Prompt, PromptTooLong, TokenIds
 from batcher.backend import NewSequence, PreparedPrompt, PrepareRequest, SamplingParams, StepResult
 
 from ._attention import ATTENTION, StepPlan, plan_step
 from ._cache import KVSlab
 from ._cpu_linear import pack_linears
+from ._detok import TokenBytes
 from ._graphs import DecodeGraphs
 from ._load import (
     check_cache_compatible,
@@ -37,7 +38,7 @@ from ._load import (
 )
 from ._prefix import PrefixCache, PrefixStats, chat_prefix
 from ._rows import Row
-from ._sampling import Penalties, sample
+from ._sampling import Penalties, sample, top_logprobs
 
 __all__ = ["HFBackend"]
 
@@ -133,6 +134,8 @@ class HFBackend:
         self._slab: KVSlab | None = None
         self._graphs: DecodeGraphs | None = None
         self._rows: list[Row] = []
+        self._asking = 0  # live rows that asked for logprobs: none, and a step computes none
+        self._token_bytes = TokenBytes(self._decode_tokenizer)  # device thread only
         self._penalties: Penalties | None = None  # after ``start`` (it needs the vocabulary size)
         self._no_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
         self.packed_linears = 0
@@ -226,7 +229,10 @@ class HFBackend:
 
     def tokenize(self, prompt: Prompt) -> list[int]:
         """The token ids ``prepare`` gives ``prompt`` (chat lists through the chat template). Unless
-        ``allow_special_tokens``, special-token text in the prompt or a message stays literal text."""
+        ``allow_special_tokens``, special-token text in the prompt or a message stays literal text.
+        Token ids are checked against the vocabulary and kept as they are."""
+        if isinstance(prompt, TokenIds):
+            return self._check_ids(prompt.ids)
         if isinstance(prompt, str):
             return self._encode(prompt, add_special_tokens=True)
         if not getattr(self.tokenizer, "chat_template", None):
@@ -239,6 +245,16 @@ class HFBackend:
             text = self._render(messages)
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return self._render_literal(messages)
+
+    def _check_ids(self, ids: tuple[int, ...]) -> list[int]:
+        vocab = len(self.tokenizer)
+        if max(ids) >= vocab:
+            raise InvalidRequest(
+                f"prompt token id {max(ids)} is outside {self.model_name}'s vocabulary: use ids in "
+                f"[0, {vocab})",
+                field="prompt",
+            )
+        return list(ids)
 
     def _render(self, messages: list[dict[str, str]]) -> str:
         return str(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
@@ -332,12 +348,18 @@ class HFBackend:
             self._store_rows(range(n, n + len(admit)))
         for r in self._rows[:n]:
             r.position += 1
+        self._asking += sum(a.params.logprobs is not None for a in admit)
+        # the raw distribution, before penalties change ``logits`` in place (``_sampling``)
+        asked = top_logprobs(logits, [r.params.logprobs for r in self._rows]) if self._asking else None
         logits = penalties.apply(logits, [r.params for r in self._rows])
         tokens = sample(logits, [r.sampler for r in self._rows], self._generator)
         penalties.record(tokens)
         outputs = [
             row.advance(t, self._eos, self.max_context) for row, t in zip(self._rows, tokens, strict=True)
         ]
+        if asked is not None:
+            for i, entry in zip(asked.rows, asked.entries(tokens, self._token_bytes), strict=True):
+                outputs[i].logprobs = (entry,)
         if self._cache is not None:
             for o in outputs:
                 self._tokens[o.seq_id] += o.token_ids
@@ -435,6 +457,7 @@ class HFBackend:
             self._store_rows(idx)  # finished or cancelled turns: their tokens so far
             for i in idx:
                 del self._tokens[self._rows[i].seq_id]
+        self._asking -= sum(self._rows[i].params.logprobs is not None for i in idx)
         moves = self._slab.remove(idx)
         for src, dst in moves:
             self._rows[dst] = self._rows[src]
@@ -445,6 +468,7 @@ class HFBackend:
 
     def _reset(self) -> None:
         self._rows.clear()
+        self._asking = 0
         if self._penalties is not None:
             self._penalties.moved((), 0, any_penalised=False)
         self._tokens.clear()
