@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import os
-import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,6 +38,7 @@ from ._load import (
 from ._prefix import PrefixCache, PrefixStats, chat_prefix
 from ._rows import Row
 from ._sampling import Penalties, sample, top_logprobs
+from ._tokenize import Tokenizers, encode_capped
 
 __all__ = ["HFBackend"]
 
@@ -101,10 +101,12 @@ class HFBackend:
         self._source, self._load_kw, default_name = resolve_source(model, gguf_file)
         self.model_name = model_name or default_name
         self.tokenizer = AutoTokenizer.from_pretrained(self._source, **self._load_kw)
-        # The device thread decodes with its own copy: a tokenizer is not safe to share between
-        # threads (the Rust object refuses concurrent borrows when settings change).
+        # Each thread tokenizes with its own copy, the device thread decodes with its own: a
+        # tokenizer is not safe to share between threads (the Rust object refuses concurrent
+        # borrows when settings change). No lock: prepare may run on several threads at once.
         self._decode_tokenizer = copy.deepcopy(self.tokenizer)
-        self._prepare_lock = threading.Lock()
+        self._tokenizers = Tokenizers(self.tokenizer)
+        self._vocab = len(self.tokenizer)
         self.config = AutoConfig.from_pretrained(self._source, **self._load_kw)
         text = self.config.get_text_config()
         check_cache_compatible(text)
@@ -179,9 +181,9 @@ class HFBackend:
             self._graphs = DecodeGraphs(self.model, self._slab, self._pad)
 
     def prepare(self, requests: Sequence[PrepareRequest]) -> list[PreparedPrompt | InvalidRequest]:
-        """Host thread: tokenize (chat template for message lists) and check the context limit."""
-        with self._prepare_lock:
-            return [self._prepare_one(r.prompt, r.params) for r in requests]
+        """Host thread: tokenize (chat template for message lists) and check the context limit.
+        Thread-safe: a tokenizer per thread (``_tokenize``)."""
+        return [self._prepare_one(r.prompt, r.params) for r in requests]
 
     def step(self, admit: Sequence[NewSequence], drop: Sequence[int]) -> StepResult:
         """Device thread: drop, decode the running rows, prefill and merge the newcomers."""
@@ -230,11 +232,14 @@ class HFBackend:
     def tokenize(self, prompt: Prompt) -> list[int]:
         """The token ids ``prepare`` gives ``prompt`` (chat lists through the chat template). Unless
         ``allow_special_tokens``, special-token text in the prompt or a message stays literal text.
-        Token ids are checked against the vocabulary and kept as they are."""
+        Token ids are checked against the vocabulary and kept as they are. Thread-safe (a
+        tokenizer per thread); a prompt far over the context raises :class:`PromptTooLong`
+        without being tokenized whole (``_tokenize``)."""
         if isinstance(prompt, TokenIds):
             return self._check_ids(prompt.ids)
+        tok = self._tokenizers.get()
         if isinstance(prompt, str):
-            return self._encode(prompt, add_special_tokens=True)
+            return self._encode(tok, prompt, add_special_tokens=True)
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequest(
                 f"{self.model_name} has no chat template: send a text prompt instead of messages",
@@ -242,28 +247,27 @@ class HFBackend:
             )
         messages = [dict(m) for m in prompt]
         if self.allow_special_tokens or not any(self._has_special(m.get("content", "")) for m in messages):
-            text = self._render(messages)
-            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return self._render_literal(messages)
+            return self._capped(tok, self._render(tok, messages), "messages", add_special_tokens=False)
+        return self._render_literal(tok, messages)
 
     def _check_ids(self, ids: tuple[int, ...]) -> list[int]:
-        vocab = len(self.tokenizer)
-        if max(ids) >= vocab:
+        if max(ids) >= self._vocab:
             raise InvalidRequest(
                 f"prompt token id {max(ids)} is outside {self.model_name}'s vocabulary: use ids in "
-                f"[0, {vocab})",
+                f"[0, {self._vocab})",
                 field="prompt",
             )
         return list(ids)
 
-    def _render(self, messages: list[dict[str, str]]) -> str:
-        return str(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+    @staticmethod
+    def _render(tok: Any, messages: list[dict[str, str]]) -> str:
+        return str(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
 
-    def _render_literal(self, messages: list[dict[str, str]]) -> list[int]:
+    def _render_literal(self, tok: Any, messages: list[dict[str, str]]) -> list[int]:
         """Render the template around placeholders, then tokenize its own text with special tokens
         parsed and each message's content with them split (so literal)."""
         marks = [f"\x00{i}\x00" for i in range(len(messages))]
-        text = self._render([m | {"content": mark} for m, mark in zip(messages, marks, strict=True)])
+        text = self._render(tok, [m | {"content": mark} for m, mark in zip(messages, marks, strict=True)])
         ids: list[int] = []
         for i, (m, mark) in enumerate(zip(messages, marks, strict=True)):
             head, found, text = text.partition(mark)
@@ -273,17 +277,20 @@ class HFBackend:
                     "template cannot keep it literal: remove the special tokens from it",
                     field="messages",
                 )
-            ids += self.tokenizer(head, add_special_tokens=False)["input_ids"]
-            ids += self._encode(m.get("content", ""), add_special_tokens=False)
-        return ids + list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            ids += self._capped(tok, head, "messages", add_special_tokens=False)
+            ids += self._encode(tok, m.get("content", ""), add_special_tokens=False, what="messages")
+        return ids + self._capped(tok, text, "messages", add_special_tokens=False)
 
     def _has_special(self, text: str) -> bool:
         return any(t in text for t in self._special_texts)
 
-    def _encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
+    def _encode(self, tok: Any, text: str, *, add_special_tokens: bool, what: str = "prompt") -> list[int]:
         literal = not self.allow_special_tokens and self._has_special(text)
         kw = {"split_special_tokens": True} if literal else {}
-        return list(self.tokenizer(text, add_special_tokens=add_special_tokens, **kw)["input_ids"])
+        return self._capped(tok, text, what, add_special_tokens=add_special_tokens, **kw)
+
+    def _capped(self, tok: Any, text: str, what: str, **kw: Any) -> list[int]:
+        return encode_capped(tok, text, limit=self.max_context - 1, what=what, **kw)
 
     # -- prepare ----------------------------------------------------------------------------
     def _prepare_one(self, prompt: Prompt, params: SamplingParams) -> PreparedPrompt | InvalidRequest:
@@ -293,7 +300,7 @@ class HFBackend:
             return exc
         if not ids:
             return InvalidRequest("the prompt tokenizes to nothing: send some text", field="prompt")
-        vocab = len(self.tokenizer)
+        vocab = self._vocab
         if params.logit_bias and params.logit_bias[-1][0] >= vocab:  # sorted by token id
             return InvalidRequest(
                 f"logit_bias names token {params.logit_bias[-1][0]}, but {self.model_name}'s "
