@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import AsyncExitStack
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 __all__ = ["error_response", "generate"]
 
 log = logging.getLogger("llm_batcher.server")
+T = TypeVar("T")
 
 
 async def generate(
@@ -109,7 +110,7 @@ async def _admit(
         await resources.enter_async_context(s)
     if n == 1:
         return list(firsts)
-    heads = await asyncio.gather(*(anext(s) for s in firsts))
+    heads = await _all([anext(s) for s in firsts])
     streams: list[AsyncIterator[Chunk]] = []
     for prompt, first, head in zip(prompts, firsts, heads, strict=True):
         streams.append(_prepend(head, first))
@@ -151,9 +152,14 @@ async def _collect(stream: AsyncIterator[Chunk]) -> tuple[Choice, Usage | None]:
 
 
 async def _collect_all(streams: list[AsyncIterator[Chunk]]) -> list[tuple[Choice, Usage | None]]:
-    """Every stream's result; if one fails or this is cancelled, the others are cancelled and
-    awaited before the error propagates (so the streams can be closed afterwards)."""
-    tasks = [asyncio.ensure_future(_collect(s)) for s in streams]
+    """Every stream's result (see :func:`_all`)."""
+    return await _all([_collect(s) for s in streams])
+
+
+async def _all(awaitables: list[Awaitable[T]]) -> list[T]:
+    """Every result; if one fails or this is cancelled, the others are cancelled and awaited
+    before the error propagates (so the streams they read can be closed afterwards)."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
     try:
         return await asyncio.gather(*tasks)
     except BaseException:
@@ -202,7 +208,8 @@ async def _events(
     offsets = [0] * len(streams)  # characters of token text sent per choice (legacy text_offset)
     try:
         if shape.chat:
-            yield sse_event(shape.chunk("", role=True))
+            for i in range(len(streams)):
+                yield sse_event(shape.chunk("", role=True, index=i))
         async for i, chunk in _merged(streams):
             if chunk.usage is not None:
                 usages[i] = chunk.usage

@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from batcher import InvalidRequest, Prompt, TokenIds
-from batcher.backend import Logprobs
+from batcher.backend import Logprobs, TokenLogprob
 
 from ._fields import Endpoint, check_fields
 
@@ -347,7 +347,7 @@ def token_text(raw: bytes) -> str:
 def chat_logprobs(entries: Sequence[Logprobs]) -> dict[str, Any]:
     """Chat's ``logprobs``: per token, its text, logprob, bytes and ``top_logprobs``."""
 
-    def one(t: Any) -> dict[str, Any]:
+    def one(t: TokenLogprob) -> dict[str, Any]:
         return {"token": token_text(t.token_bytes), "logprob": t.logprob, "bytes": list(t.token_bytes)}
 
     return {
