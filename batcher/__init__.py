@@ -43,7 +43,7 @@ from ._errors import (
 )
 from ._stats import BatcherStats
 from ._stream import TokenStream
-from ._types import Chunk, Completion, GenerationOptions, Prompt, Usage
+from ._types import Chunk, Completion, GenerationOptions, Prompt, TokenIds, Usage
 
 __all__ = [
     "BatchConfig",
@@ -60,6 +60,7 @@ __all__ = [
     "Prompt",
     "PromptTooLong",
     "RequestFailed",
+    "TokenIds",
     "TokenStream",
     "Usage",
 ]

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol, TypeVar, runtime_checkable
 
 from ._errors import InvalidRequest
-from ._types import FinishReason, Prompt, SamplingParams, slot_setters
+from ._types import FinishReason, Logprobs, Prompt, SamplingParams, slot_setters
 
 __all__ = [
     "BatchFunction",
@@ -91,12 +91,14 @@ _set_new_id, _set_new_prompt, _set_new_params, _set_new_resumed = slot_setters(
 class SeqOutput:
     """What one sequence produced in one step: new token ids, the new text they complete, and the
     finish reason if this is its last output. ``text`` may be empty while the backend holds back an
-    incomplete UTF-8 character or a possible stop-string prefix."""
+    incomplete UTF-8 character or a possible stop-string prefix. ``logprobs``: one entry per token
+    id when the sequence's ``params.logprobs`` is set, else empty."""
 
     seq_id: int
     token_ids: Sequence[int]
     text: str
     finish_reason: FinishReason | None = None
+    logprobs: Sequence[Logprobs] = ()
 
 
 @dataclass(slots=True)

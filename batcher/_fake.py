@@ -9,6 +9,7 @@ the right request. Failures can be injected on demand.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import zlib
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from ._backend import NewSequence, PreparedPrompt, PrepareRequest, SeqOutput, StepResult
 from ._errors import InvalidRequest, PromptTooLong
 from ._text import StopMatcher
-from ._types import Prompt, SamplingParams
+from ._types import Logprobs, Prompt, SamplingParams, TokenIds, TokenLogprob
 
 __all__ = ["FakeBackend"]
 
@@ -136,7 +137,10 @@ class FakeBackend:
         return zlib.crc32(word.encode()) % self.vocab_size
 
     def tokenize(self, prompt: Prompt) -> list[int]:
-        """The fake tokenizer: one token per whitespace-separated word (chat: ``role: content``)."""
+        """The fake tokenizer: one token per whitespace-separated word (chat: ``role: content``);
+        token ids as they are."""
+        if isinstance(prompt, TokenIds):
+            return list(prompt.ids)
         text = (
             prompt if isinstance(prompt, str) else "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
         )
@@ -205,10 +209,23 @@ class FakeBackend:
         s.produced += 1
         tok = (s.base + 7919 * s.produced) % self.vocab_size
         text, stopped = s.stop.feed(self.token_text(tok))
+        out = SeqOutput(seq_id, (tok,), text)
+        if s.params.logprobs is not None:
+            out.logprobs = (self.logprobs(tok, s.params.logprobs),)
         if stopped:
-            return SeqOutput(seq_id, (tok,), text, "stop")
-        if s.eos_at is not None and s.produced >= s.eos_at:
-            return SeqOutput(seq_id, (tok,), text + s.stop.flush(), "stop")
-        if s.produced >= s.limit:
-            return SeqOutput(seq_id, (tok,), text + s.stop.flush(), "length")
-        return SeqOutput(seq_id, (tok,), text)
+            out.finish_reason = "stop"
+        elif s.eos_at is not None and s.produced >= s.eos_at:
+            out.text, out.finish_reason = text + s.stop.flush(), "stop"
+        elif s.produced >= s.limit:
+            out.text, out.finish_reason = text + s.stop.flush(), "length"
+        return out
+
+    def logprobs(self, token_id: int, k: int) -> Logprobs:
+        """The fake's distribution at every position: the generated token has probability 1/2,
+        the next ids 1/4, 1/8... (so ``k`` alternatives are the token itself and ``k - 1`` more)."""
+
+        def entry(rank: int) -> TokenLogprob:
+            t = (token_id + rank) % self.vocab_size
+            return TokenLogprob(t, -math.log(2) * (rank + 1), self.token_text(t).encode())
+
+        return Logprobs(entry(0), tuple(entry(r) for r in range(k)))

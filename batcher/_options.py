@@ -12,7 +12,7 @@ from typing import Any
 
 from ._config import BatchConfig
 from ._errors import InvalidRequest
-from ._types import Prompt, SamplingParams, logit_bias_pairs
+from ._types import Prompt, SamplingParams, TokenIds, logit_bias_pairs
 
 __all__ = ["DEFAULT_TENANT", "OPTION_FIELDS", "Options", "Parsed", "check_prompt"]
 
@@ -29,6 +29,7 @@ SAMPLING_FIELDS = frozenset(
         "frequency_penalty",
         "repetition_penalty",
         "logit_bias",
+        "logprobs",
     }
 )
 #: The keyword options of ``Batcher.stream`` and ``generate`` (:class:`~batcher.GenerationOptions`).
@@ -119,7 +120,9 @@ def _check_text(name: str, text: str) -> None:
 
 
 def check_prompt(prompt: object) -> Prompt:
-    """Validate the shape of a prompt (text or chat messages); return it unchanged."""
+    """Validate the shape of a prompt (text, chat messages or token ids); return it unchanged."""
+    if isinstance(prompt, TokenIds):
+        return prompt  # checked on construction
     if isinstance(prompt, str):
         if not prompt:
             raise InvalidRequest("prompt is empty: send at least one character", field="prompt")
@@ -128,6 +131,10 @@ def check_prompt(prompt: object) -> Prompt:
     if isinstance(prompt, Sequence) and not isinstance(prompt, (bytes, bytearray)):
         if not prompt:
             raise InvalidRequest("messages is empty: send at least one message", field="messages")
+        if isinstance(prompt[0], int):
+            raise InvalidRequest(
+                "a prompt of token ids must be wrapped: batcher.TokenIds((id, id, ...))", field="prompt"
+            )
         for i, m in enumerate(prompt):
             if (
                 not isinstance(m, Mapping)
@@ -141,6 +148,6 @@ def check_prompt(prompt: object) -> Prompt:
             _check_text(f"messages[{i}].content", m["content"])
         return prompt
     raise InvalidRequest(
-        f"prompt must be a string or a list of chat messages, got {type(prompt).__name__}",
+        f"prompt must be a string, a list of chat messages or TokenIds, got {type(prompt).__name__}",
         field="prompt",
     )

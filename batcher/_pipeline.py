@@ -206,7 +206,7 @@ class Pipeline:
                     stats.itl.observe_many((now - r.last_token_at) / n, n)
                 r.last_token_at = now
             if n or out.text:
-                r.push(out.token_ids, out.text)
+                r.push(out.token_ids, out.text, out.logprobs)
             reason = out.finish_reason
             if reason is None and r.produced >= r.params.max_tokens:
                 reason = "length"  # the backend overran max_tokens: end it here all the same

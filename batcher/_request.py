@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from enum import IntEnum
 
 from ._errors import DeadlineExceeded, PromptTooLong
-from ._types import Chunk, FinishReason, Outcome, Prompt, SamplingParams, Usage
+from ._types import Chunk, FinishReason, Logprobs, Outcome, Prompt, SamplingParams, Usage
 from ._wakeup import release
 
 __all__ = ["DONE", "PREPARING", "RUNNING", "WAITING", "GenRequest", "OnEnd", "Stage"]
@@ -42,6 +42,7 @@ class GenRequest:
         "_error",
         "_finish_reason",
         "_ids",
+        "_logprobs",
         "_loop",
         "_on_end",
         "_prepared_waiter",
@@ -97,6 +98,7 @@ class GenRequest:
         self._timer = None if self.deadline is None else loop.call_at(self.deadline, self.expire)
         self._texts: list[str] = []
         self._ids: list[int] = []
+        self._logprobs: list[Logprobs] = []
         self._finish_reason: FinishReason | None = None
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None  # the consumer waits for data
@@ -113,12 +115,14 @@ class GenRequest:
         self.cost = len(ids) + self.params.max_tokens
         release(self._prepared_waiter)
 
-    def push(self, ids: Sequence[int], text: str) -> None:
+    def push(self, ids: Sequence[int], text: str, logprobs: Sequence[Logprobs] = ()) -> None:
         """Deliver new tokens (merged with any the consumer has not taken yet)."""
         self._ids.extend(ids)
         self.generated.extend(ids)
         if text:
             self._texts.append(text)
+        if logprobs:
+            self._logprobs.extend(logprobs)
         self.produced += len(ids)
         self._wake()
 
@@ -191,10 +195,13 @@ class GenRequest:
             ids, self._ids = tuple(self._ids), []
             text = "".join(self._texts)
             self._texts = []
+            logprobs: tuple[Logprobs, ...] = ()
+            if self._logprobs:
+                logprobs, self._logprobs = tuple(self._logprobs), []
             if self.stage == DONE and self._finish_reason is not None:
                 reason, self._finish_reason = self._finish_reason, None
-                return Chunk(text, ids, reason, self.usage)
-            return Chunk(text, ids)
+                return Chunk(text, ids, reason, self.usage, logprobs)
+            return Chunk(text, ids, None, None, logprobs)
         if self.stage != DONE:
             return None
         if self._error is not None:

@@ -15,7 +15,7 @@ from types import TracebackType
 
 from ._errors import BatcherError
 from ._request import GenRequest
-from ._types import Chunk, Completion, Outcome
+from ._types import Chunk, Completion, Logprobs, Outcome
 
 __all__ = ["TokenStream", "completion"]
 
@@ -96,14 +96,16 @@ async def completion(stream: TokenStream) -> Completion:
     """Drain ``stream`` into one :class:`Completion` (closing it if draining stops early)."""
     texts: list[str] = []
     ids: list[int] = []
+    logprobs: list[Logprobs] = []
     last: Chunk | None = None
     try:
         async for last in stream:
             texts.append(last.text)
             ids.extend(last.token_ids)
+            logprobs.extend(last.logprobs)
     except BaseException:
         await stream.aclose()
         raise
     if last is None or last.finish_reason is None or last.usage is None:
         raise BatcherError("the request ended without a finish reason")  # unreachable by design
-    return Completion("".join(texts), tuple(ids), last.finish_reason, last.usage)
+    return Completion("".join(texts), tuple(ids), last.finish_reason, last.usage, tuple(logprobs))

@@ -15,9 +15,12 @@ __all__ = [
     "Completion",
     "FinishReason",
     "GenerationOptions",
+    "Logprobs",
     "Outcome",
     "Prompt",
     "SamplingParams",
+    "TokenIds",
+    "TokenLogprob",
     "Usage",
 ]
 
@@ -38,10 +41,31 @@ OUTCOMES: tuple[Outcome, ...] = (
 
 #: A chat message as the OpenAI API and chat templates spell it: ``{"role": ..., "content": ...}``.
 ChatMessage = Mapping[str, str]
-#: A completion prompt (text) or a chat (messages, formatted by the backend's chat template).
-Prompt = str | Sequence[ChatMessage]
+
+
+@dataclass(frozen=True, slots=True)
+class TokenIds:
+    """A prompt given as token ids of the backend's vocabulary, prefilled as they are (no chat
+    template, no special tokens added). The backend checks them against its vocabulary and context."""
+
+    ids: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.ids, tuple) or not self.ids:
+            raise InvalidRequest("a token-id prompt needs at least one token id", field="prompt")
+        for i in self.ids:
+            if type(i) is not int or i < 0:
+                raise InvalidRequest(
+                    f"token-id prompts hold non-negative integers, got {i!r}", field="prompt"
+                )
+
+
+#: A completion prompt (text or token ids) or a chat (messages, formatted by the chat template).
+Prompt = str | Sequence[ChatMessage] | TokenIds
 
 _ABSURD_MAX_TOKENS = 1 << 20
+#: The most alternatives ``logprobs`` may ask for per token (OpenAI's ``top_logprobs`` limit).
+MAX_LOGPROBS = 20
 
 
 class GenerationOptions(TypedDict, total=False):
@@ -51,6 +75,8 @@ class GenerationOptions(TypedDict, total=False):
     (0 = off), ``min_p`` (0 = off), ``seed``, ``stop``; penalties ``presence_penalty`` and
     ``frequency_penalty`` (in [-2, 2], over generated tokens), ``repetition_penalty`` (1 = off,
     over prompt and generated tokens) and ``logit_bias`` (token id -> bias in [-100, 100]).
+    ``logprobs``: each token's log-probability and that many most likely alternatives (0 to 20;
+    unset = none), in :attr:`Chunk.logprobs`.
     Scheduling: ``deadline_s`` (seconds from now; the request fails with
     :class:`DeadlineExceeded` past it), ``priority`` (higher runs first among the tenant's own
     requests; waiting raises it) and ``tenant`` (who is asking: tenants share the batch by their
@@ -68,6 +94,7 @@ class GenerationOptions(TypedDict, total=False):
     frequency_penalty: float
     repetition_penalty: float
     logit_bias: Mapping[int, float] | None
+    logprobs: int | None
     deadline_s: float | None
     priority: int
     tenant: str
@@ -79,7 +106,8 @@ class SamplingParams:
 
     ``temperature == 0`` means greedy decoding, whatever ``top_p``/``top_k``/``seed`` say. With a
     ``seed``, sampling draws from a generator of that request's own, so its tokens do not depend on
-    which other requests share the batch.
+    which other requests share the batch. ``logprobs``: ``None`` computes none; ``k`` in [0, 20]
+    reports each generated token's log-probability and the ``k`` most likely alternatives.
     """
 
     max_tokens: int = 256
@@ -93,6 +121,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), sorted by token id
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         _check_int("max_tokens", self.max_tokens, low=1, high=_ABSURD_MAX_TOKENS)
@@ -110,6 +139,8 @@ class SamplingParams:
         _check_float("frequency_penalty", self.frequency_penalty, low=-2.0, high=2.0)
         _check_float("repetition_penalty", self.repetition_penalty, low=0.0, high=10.0, low_open=True)
         _check_logit_bias(self.logit_bias)
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS)
 
     @property
     def greedy(self) -> bool:
@@ -193,18 +224,39 @@ class Usage:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A token and its log-probability (natural log, <= 0). ``token_bytes``: the token's own bytes,
+    which may hold part of a UTF-8 character (a byte-level tokenizer splits some characters)."""
+
+    token_id: int
+    logprob: float
+    token_bytes: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Logprobs:
+    """The log-probabilities at one generated position: the ``chosen`` token and the ``top`` most
+    likely tokens, most likely first (as many as ``SamplingParams.logprobs`` asked for)."""
+
+    chosen: TokenLogprob
+    top: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Chunk:
     """One delivery to a stream: new text and token ids since the last chunk.
 
     When the consumer lags, deltas that piled up are merged into one chunk (the mailbox stays
-    bounded). The last chunk of a stream has ``finish_reason`` and ``usage`` set; its text may be
-    empty.
+    bounded; their ``logprobs`` concatenate). The last chunk of a stream has ``finish_reason`` and
+    ``usage`` set; its text may be empty. ``logprobs``: one entry per token id when the request
+    asked for them, else empty.
     """
 
     text: str
     token_ids: tuple[int, ...]
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    logprobs: tuple[Logprobs, ...] = ()
 
     def __init__(
         self,
@@ -212,12 +264,14 @@ class Chunk:
         token_ids: tuple[int, ...],
         finish_reason: FinishReason | None = None,
         usage: Usage | None = None,
+        logprobs: tuple[Logprobs, ...] = (),
     ) -> None:
         # One per delivered chunk, on the loop's hot path: see Usage.__init__.
         _set_chunk_text(self, text)
         _set_chunk_ids(self, token_ids)
         _set_chunk_reason(self, finish_reason)
         _set_chunk_usage(self, usage)
+        _set_chunk_logprobs(self, logprobs)
 
 
 def slot_setters(cls: type, *names: str) -> tuple[Callable[[Any, Any], None], ...]:
@@ -227,8 +281,8 @@ def slot_setters(cls: type, *names: str) -> tuple[Callable[[Any, Any], None], ..
 
 
 _set_usage_prompt, _set_usage_completion = slot_setters(Usage, "prompt_tokens", "completion_tokens")
-_set_chunk_text, _set_chunk_ids, _set_chunk_reason, _set_chunk_usage = slot_setters(
-    Chunk, "text", "token_ids", "finish_reason", "usage"
+_set_chunk_text, _set_chunk_ids, _set_chunk_reason, _set_chunk_usage, _set_chunk_logprobs = slot_setters(
+    Chunk, "text", "token_ids", "finish_reason", "usage", "logprobs"
 )
 
 
@@ -240,3 +294,4 @@ class Completion:
     token_ids: tuple[int, ...]
     finish_reason: FinishReason
     usage: Usage
+    logprobs: tuple[Logprobs, ...] = ()

@@ -16,12 +16,13 @@ from ._backend import (
     StepResult,
 )
 from ._text import StopMatcher
-from ._types import FinishReason, SamplingParams
+from ._types import FinishReason, Logprobs, SamplingParams, TokenLogprob
 
 __all__ = [
     "BatchFunction",
     "FinishReason",
     "GenerationBackend",
+    "Logprobs",
     "NewSequence",
     "PrepareRequest",
     "PreparedPrompt",
@@ -29,4 +30,5 @@ __all__ = [
     "SeqOutput",
     "StepResult",
     "StopMatcher",
+    "TokenLogprob",
 ]

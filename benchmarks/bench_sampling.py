@@ -1,12 +1,15 @@
-"""The per-step cost of penalties, logit bias and min-p at ``--rows`` rows, without the model.
+"""The per-step cost of penalties, logit bias, min-p and logprobs at ``--rows`` rows, without the model.
 
     python benchmarks/bench_sampling.py --rows 32 --steps 200
 
 Prints milliseconds per step (median) of ``Penalties.apply`` + ``sample`` + ``Penalties.record``
-for: a plain batch (nothing used: the path every step pays when no row asks), every row penalised
-(presence + frequency + repetition + 8 logit-bias entries), and every row penalised and sampling with
-min-p. The three are interleaved step by step so machine load hits them alike; compare with a
-step's model time (``bench_hf.py``) to see whether it matters.
+(and, where rows ask for logprobs, ``top_logprobs`` before and its ``entries`` after, as
+``HFBackend`` runs them) for: a plain batch (nothing used: the path every step pays when no row
+asks; the backend skips logprobs on a counter of asking rows, as here), every row penalised
+(presence + frequency + repetition + 8 logit-bias entries), every row penalised and sampling with
+min-p, and every row asking for its token's logprob and the top 5. The cases are interleaved step
+by step so machine load hits them alike; compare with a step's model time (``bench_hf.py``) to see
+whether it matters.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import statistics
 import time
 
 import torch
-from batcher.adapters.hf._sampling import Penalties, RowSampler, sample
+from batcher.adapters.hf._sampling import Penalties, RowSampler, sample, top_logprobs
 
 from batcher.backend import SamplingParams
 
@@ -28,7 +31,7 @@ VOCAB = 49_152  # SmolLM2's
 
 
 def _case(
-    rows: int, penalised: bool, min_p: float
+    rows: int, penalised: bool, min_p: float, logprobs: int | None = None
 ) -> tuple[Penalties, list[SamplingParams], list[RowSampler | None]]:
     rng = random.Random(0)
     params = []
@@ -46,7 +49,7 @@ def _case(
                 )
             )
         else:
-            params.append(SamplingParams(temperature=0.8))
+            params.append(SamplingParams(temperature=0.8, logprobs=logprobs))
     pen = Penalties(VOCAB, torch.device("cpu"))
     prompts = [[rng.randrange(VOCAB) for _ in range(200)] for _ in range(rows)]
     pen.admit(0, prompts, params)
@@ -67,15 +70,22 @@ def main() -> None:
         "plain (nothing used)": _case(args.rows, False, 0.0),
         "penalties + logit_bias": _case(args.rows, True, 0.0),
         "penalties + logit_bias + min_p": _case(args.rows, True, 0.05),
+        "logprobs, top 5 (every row)": _case(args.rows, False, 0.0, logprobs=5),
     }
+    token_bytes = {t: f"t{t}".encode() for t in range(VOCAB)}.__getitem__  # HFBackend caches them too
     times: dict[str, list[float]] = {name: [] for name in cases}
     with torch.inference_mode():
         for _ in range(args.steps):
             logits = torch.randn(args.rows, VOCAB) * 4  # about as peaked as a real model's
             for name, (pen, params, samplers) in cases.items():
+                step_logits = logits.clone()  # penalties change them in place
                 t0 = time.perf_counter()
-                tokens = sample(pen.apply(logits, params), samplers, gen)
+                asking = any(p.logprobs is not None for p in params)  # HFBackend: a counter
+                asked = top_logprobs(step_logits, [p.logprobs for p in params]) if asking else None
+                tokens = sample(pen.apply(step_logits, params), samplers, gen)
                 pen.record(tokens)
+                if asked is not None:
+                    asked.entries(tokens, token_bytes)
                 times[name].append(time.perf_counter() - t0)
     print(
         f"rows={args.rows} vocab={VOCAB} steps={args.steps} threads=1 (CPU; medians, noisy on a shared host)"

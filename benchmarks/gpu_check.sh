@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The GPU check of the HF backend, in one call of at most 8 minutes (each step has its own timeout):
+# The GPU check of the HF backend, in one call of at most 9 minutes (each step has its own timeout):
 #   1. fp32 equivalence on CUDA, eager:       batched greedy == solo generate (gpu_equivalence.py)
 #   2. the same with --cuda-graphs:            decode steps replayed as CUDA graphs
 #   3. bench_hf.py --offline 512, bf16, random weights: ours, static, ceiling, transformers' CB
 #   4. the same, ours only, with --cuda-graphs
+#   5. fp32 equivalence with a shared ~200-token system prompt: prefix-cache hits on CUDA (issue 14)
+#   6. a real CUDA out-of-memory error (the process capped to its weights + 300 MiB): the batch
+#      halves and every request finishes (gpu_faults.py, issue 13)
 # Results go to $OUT: gpu_check.log (every step's output), and bench_hf's JSON and PNG per run.
 #
 # Before the call, on a machine with the embedded model:   benchmarks/gpu_check.sh --stage
@@ -11,7 +14,7 @@
 #   For the real weights in steps 1-2, also put the GGUF there as out/gpu-stage/smollm2.gguf
 #   (98 MB: carry it in two halves over two calls and `cat` them); without it steps 1-2 use
 #   peaked random weights (SmolLM2's config, initializer_range 0.5: no near-ties).
-# The call:   run(command="benchmarks/gpu_check.sh", carry=["out/gpu-stage"], timeout_s=540)
+# The call:   run(command="benchmarks/gpu_check.sh", carry=["out/gpu-stage"], timeout_s=570)
 # Without a GPU the same steps run on the CPU at a small size: the fallback that tests this script.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -67,9 +70,11 @@ step() {  # step NAME TIMEOUT COMMAND...: run it, its output (less progress bars
 }
 
 step equivalence $((90 * SLOW)) $PY benchmarks/gpu_equivalence.py --device $DEV --prompts $EQ "${WEIGHTS[@]}"
-[ -n "$GRAPHS" ] && step equivalence-graphs 90 $PY benchmarks/gpu_equivalence.py --device $DEV $GRAPHS "${WEIGHTS[@]}"
+[ -n "$GRAPHS" ] && step equivalence-graphs 75 $PY benchmarks/gpu_equivalence.py --device $DEV $GRAPHS "${WEIGHTS[@]}"
 BENCH=(benchmarks/bench_hf.py --device $DEV --dtype $DTYPE --random-weights "${TOK[@]}" --offline $OFFLINE
   --max-batch $BATCH --prompts $PROMPTS --out "$OUT")
 step bench $((150 * SLOW)) $PY "${BENCH[@]}" "${ONLY[@]}"
-[ -n "$GRAPHS" ] && step bench-graphs 120 $PY "${BENCH[@]}" --only-batcher $GRAPHS
+[ -n "$GRAPHS" ] && step bench-graphs 100 $PY "${BENCH[@]}" --only-batcher $GRAPHS
+step equivalence-prefix $((45 * SLOW)) $PY benchmarks/gpu_equivalence.py --device $DEV --prompts $EQ --system 200 "${WEIGHTS[@]}"
+step out-of-memory 60 $PY benchmarks/gpu_faults.py "${WEIGHTS[@]}"
 exit 0

@@ -3,11 +3,14 @@
 The CUDA twin of ``tests/adapters/test_hf_smollm2.py``'s equivalence test (which runs on the CPU):
 18 prompts of many lengths arrive staggered, three are cancelled, and each sequence's tokens must
 equal its solo ``model.generate(do_sample=False)`` on a plain transformers copy on the same device.
-With ``--cuda-graphs`` the decode-only steps replay CUDA graphs (``_graphs``). Without the embedded
-model (``--model``), ``--random-weights`` uses SmolLM2's config with peaked random weights
-(initializer_range 0.5: no near-ties) and the tokenizer of ``--tokenizer``.
+With ``--cuda-graphs`` the decode-only steps replay CUDA graphs (``_graphs``). With ``--system N``
+every chat prompt starts with the same ~N-token system prompt, so the later ones reuse it from the
+prefix cache (``_prefix``): cached keys/values must give the same tokens as computed ones.
+Without the embedded model (``--model``), ``--random-weights`` uses SmolLM2's config with peaked
+random weights (initializer_range 0.5: no near-ties) and the tokenizer of ``--tokenizer``.
 
-    python benchmarks/gpu_equivalence.py --device cuda [--cuda-graphs] [--random-weights --tokenizer DIR]
+    python benchmarks/gpu_equivalence.py --device cuda [--cuda-graphs] [--system 200]
+        [--random-weights --tokenizer DIR]
 
 Prints one line per sequence and a summary; exits 1 on any mismatch.
 """
@@ -51,6 +54,12 @@ QUESTIONS = [
 ]
 
 
+def system_prompt(tokens: int) -> str:
+    """About ``tokens`` tokens of a plausible system prompt (a sentence is about 12 tokens)."""
+    rule = "Answer politely, in plain words, and say so when you do not know the answer. "
+    return "You are a helpful assistant. " + rule * max(1, tokens // 12)
+
+
 def peaked_random_model(tokenizer_dir: str, out: Path) -> str:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -75,6 +84,7 @@ def main() -> int:
     p.add_argument(
         "--prompts", type=int, default=18, help="the first N prompts of the schedule (CPU fallback)"
     )
+    p.add_argument("--system", type=int, default=0, help="a shared system prompt of about N tokens")
     args = p.parse_args()
     model = args.model
     if args.random_weights:
@@ -87,8 +97,10 @@ def main() -> int:
     plain = AutoModelForCausalLM.from_pretrained(backend._source, **backend._load_kw, dtype=torch.float32)
     plain = plain.to(backend.device).eval()
     rng = random.Random(11)
+    system = [{"role": "system", "content": system_prompt(args.system)}] if args.system else []
     ids = [
-        backend.tokenize([{"role": "user", "content": q}] if i % 3 else q) for i, q in enumerate(QUESTIONS)
+        backend.tokenize([*system, {"role": "user", "content": q}] if i % 3 else q)
+        for i, q in enumerate(QUESTIONS)
     ]
     seqs = [NewSequence(i, p, SamplingParams(max_tokens=rng.randrange(8, 49))) for i, p in enumerate(ids)]
     seqs = seqs[: args.prompts]
@@ -119,6 +131,8 @@ def main() -> int:
         print(f"seq {s.seq_id:2d}: {'same' if ok else 'DIFFERENT'} ({len(mine)} tokens)")
     graphs = backend._graphs
     extra = f", {graphs.captures} graphs captured, {graphs.replays} replays" if graphs else ""
+    stats = backend.prefix_stats
+    extra += f"; prefix cache: {stats.hit_tokens} of {stats.lookup_tokens} prompt tokens reused"
     print(f"{same} of {len(seqs)} sequences equal their solo generate on {args.device}{extra}")
     backend.close()
     return 0 if same == len(seqs) else 1

@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import copy
 import os
-import threading
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from batcher import InvalidRequest, Prompt, PromptTooLong
+from batcher import InvalidRequest, Prompt, PromptTooLong, TokenIds
 from batcher.backend import NewSequence, PreparedPrompt, PrepareRequest, SamplingParams, StepResult
 
 from ._attention import ATTENTION, StepPlan, plan_step
 from ._cache import KVSlab
 from ._cpu_linear import pack_linears
+from ._detok import TokenBytes
 from ._graphs import DecodeGraphs
 from ._load import (
     check_cache_compatible,
@@ -37,7 +37,8 @@ from ._load import (
 )
 from ._prefix import PrefixCache, PrefixStats, chat_prefix
 from ._rows import Row
-from ._sampling import Penalties, sample
+from ._sampling import Penalties, sample, top_logprobs
+from ._tokenize import Tokenizers, encode_capped
 
 __all__ = ["HFBackend"]
 
@@ -100,10 +101,12 @@ class HFBackend:
         self._source, self._load_kw, default_name = resolve_source(model, gguf_file)
         self.model_name = model_name or default_name
         self.tokenizer = AutoTokenizer.from_pretrained(self._source, **self._load_kw)
-        # The device thread decodes with its own copy: a tokenizer is not safe to share between
-        # threads (the Rust object refuses concurrent borrows when settings change).
+        # Each thread tokenizes with its own copy, the device thread decodes with its own: a
+        # tokenizer is not safe to share between threads (the Rust object refuses concurrent
+        # borrows when settings change). No lock: prepare may run on several threads at once.
         self._decode_tokenizer = copy.deepcopy(self.tokenizer)
-        self._prepare_lock = threading.Lock()
+        self._tokenizers = Tokenizers(self.tokenizer)
+        self._vocab = len(self.tokenizer)
         self.config = AutoConfig.from_pretrained(self._source, **self._load_kw)
         text = self.config.get_text_config()
         check_cache_compatible(text)
@@ -133,6 +136,8 @@ class HFBackend:
         self._slab: KVSlab | None = None
         self._graphs: DecodeGraphs | None = None
         self._rows: list[Row] = []
+        self._asking = 0  # live rows that asked for logprobs: none, and a step computes none
+        self._token_bytes = TokenBytes(self._decode_tokenizer)  # device thread only
         self._penalties: Penalties | None = None  # after ``start`` (it needs the vocabulary size)
         self._no_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
         self.packed_linears = 0
@@ -176,9 +181,9 @@ class HFBackend:
             self._graphs = DecodeGraphs(self.model, self._slab, self._pad)
 
     def prepare(self, requests: Sequence[PrepareRequest]) -> list[PreparedPrompt | InvalidRequest]:
-        """Host thread: tokenize (chat template for message lists) and check the context limit."""
-        with self._prepare_lock:
-            return [self._prepare_one(r.prompt, r.params) for r in requests]
+        """Host thread: tokenize (chat template for message lists) and check the context limit.
+        Thread-safe: a tokenizer per thread (``_tokenize``)."""
+        return [self._prepare_one(r.prompt, r.params) for r in requests]
 
     def step(self, admit: Sequence[NewSequence], drop: Sequence[int]) -> StepResult:
         """Device thread: drop, decode the running rows, prefill and merge the newcomers."""
@@ -226,9 +231,15 @@ class HFBackend:
 
     def tokenize(self, prompt: Prompt) -> list[int]:
         """The token ids ``prepare`` gives ``prompt`` (chat lists through the chat template). Unless
-        ``allow_special_tokens``, special-token text in the prompt or a message stays literal text."""
+        ``allow_special_tokens``, special-token text in the prompt or a message stays literal text.
+        Token ids are checked against the vocabulary and kept as they are. Thread-safe (a
+        tokenizer per thread); a prompt far over the context raises :class:`PromptTooLong`
+        without being tokenized whole (``_tokenize``)."""
+        if isinstance(prompt, TokenIds):
+            return self._check_ids(prompt.ids)
+        tok = self._tokenizers.get()
         if isinstance(prompt, str):
-            return self._encode(prompt, add_special_tokens=True)
+            return self._encode(tok, prompt, add_special_tokens=True)
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequest(
                 f"{self.model_name} has no chat template: send a text prompt instead of messages",
@@ -236,18 +247,27 @@ class HFBackend:
             )
         messages = [dict(m) for m in prompt]
         if self.allow_special_tokens or not any(self._has_special(m.get("content", "")) for m in messages):
-            text = self._render(messages)
-            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return self._render_literal(messages)
+            return self._capped(tok, self._render(tok, messages), "messages", add_special_tokens=False)
+        return self._render_literal(tok, messages)
 
-    def _render(self, messages: list[dict[str, str]]) -> str:
-        return str(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+    def _check_ids(self, ids: tuple[int, ...]) -> list[int]:
+        if max(ids) >= self._vocab:
+            raise InvalidRequest(
+                f"prompt token id {max(ids)} is outside {self.model_name}'s vocabulary: use ids in "
+                f"[0, {self._vocab})",
+                field="prompt",
+            )
+        return list(ids)
 
-    def _render_literal(self, messages: list[dict[str, str]]) -> list[int]:
+    @staticmethod
+    def _render(tok: Any, messages: list[dict[str, str]]) -> str:
+        return str(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+
+    def _render_literal(self, tok: Any, messages: list[dict[str, str]]) -> list[int]:
         """Render the template around placeholders, then tokenize its own text with special tokens
         parsed and each message's content with them split (so literal)."""
         marks = [f"\x00{i}\x00" for i in range(len(messages))]
-        text = self._render([m | {"content": mark} for m, mark in zip(messages, marks, strict=True)])
+        text = self._render(tok, [m | {"content": mark} for m, mark in zip(messages, marks, strict=True)])
         ids: list[int] = []
         for i, (m, mark) in enumerate(zip(messages, marks, strict=True)):
             head, found, text = text.partition(mark)
@@ -257,17 +277,20 @@ class HFBackend:
                     "template cannot keep it literal: remove the special tokens from it",
                     field="messages",
                 )
-            ids += self.tokenizer(head, add_special_tokens=False)["input_ids"]
-            ids += self._encode(m.get("content", ""), add_special_tokens=False)
-        return ids + list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            ids += self._capped(tok, head, "messages", add_special_tokens=False)
+            ids += self._encode(tok, m.get("content", ""), add_special_tokens=False, what="messages")
+        return ids + self._capped(tok, text, "messages", add_special_tokens=False)
 
     def _has_special(self, text: str) -> bool:
         return any(t in text for t in self._special_texts)
 
-    def _encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
+    def _encode(self, tok: Any, text: str, *, add_special_tokens: bool, what: str = "prompt") -> list[int]:
         literal = not self.allow_special_tokens and self._has_special(text)
         kw = {"split_special_tokens": True} if literal else {}
-        return list(self.tokenizer(text, add_special_tokens=add_special_tokens, **kw)["input_ids"])
+        return self._capped(tok, text, what, add_special_tokens=add_special_tokens, **kw)
+
+    def _capped(self, tok: Any, text: str, what: str, **kw: Any) -> list[int]:
+        return encode_capped(tok, text, limit=self.max_context - 1, what=what, **kw)
 
     # -- prepare ----------------------------------------------------------------------------
     def _prepare_one(self, prompt: Prompt, params: SamplingParams) -> PreparedPrompt | InvalidRequest:
@@ -277,7 +300,7 @@ class HFBackend:
             return exc
         if not ids:
             return InvalidRequest("the prompt tokenizes to nothing: send some text", field="prompt")
-        vocab = len(self.tokenizer)
+        vocab = self._vocab
         if params.logit_bias and params.logit_bias[-1][0] >= vocab:  # sorted by token id
             return InvalidRequest(
                 f"logit_bias names token {params.logit_bias[-1][0]}, but {self.model_name}'s "
@@ -332,12 +355,18 @@ class HFBackend:
             self._store_rows(range(n, n + len(admit)))
         for r in self._rows[:n]:
             r.position += 1
+        self._asking += sum(a.params.logprobs is not None for a in admit)
+        # the raw distribution, before penalties change ``logits`` in place (``_sampling``)
+        asked = top_logprobs(logits, [r.params.logprobs for r in self._rows]) if self._asking else None
         logits = penalties.apply(logits, [r.params for r in self._rows])
         tokens = sample(logits, [r.sampler for r in self._rows], self._generator)
         penalties.record(tokens)
         outputs = [
             row.advance(t, self._eos, self.max_context) for row, t in zip(self._rows, tokens, strict=True)
         ]
+        if asked is not None:
+            for i, entry in zip(asked.rows, asked.entries(tokens, self._token_bytes), strict=True):
+                outputs[i].logprobs = (entry,)
         if self._cache is not None:
             for o in outputs:
                 self._tokens[o.seq_id] += o.token_ids
@@ -435,6 +464,7 @@ class HFBackend:
             self._store_rows(idx)  # finished or cancelled turns: their tokens so far
             for i in idx:
                 del self._tokens[self._rows[i].seq_id]
+        self._asking -= sum(self._rows[i].params.logprobs is not None for i in idx)
         moves = self._slab.remove(idx)
         for src, dst in moves:
             self._rows[dst] = self._rows[src]
@@ -445,6 +475,7 @@ class HFBackend:
 
     def _reset(self) -> None:
         self._rows.clear()
+        self._asking = 0
         if self._penalties is not None:
             self._penalties.moved((), 0, any_penalised=False)
         self._tokens.clear()

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["Detokenizer"]
+__all__ = ["Detokenizer", "TokenBytes"]
 
 _CONTEXT = 6  # prompt tokens kept as context before the first generated one
 _MAX_HOLD = 8  # tokens an incomplete character may span before we emit it anyway (broken output)
@@ -56,3 +56,53 @@ class Detokenizer:
 
     def _decode(self, ids: list[int]) -> str:
         return str(self._tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+
+
+class TokenBytes:
+    """Each token's own bytes, as OpenAI's ``logprobs`` report them (``bytes``), cached per id.
+
+    A byte-level BPE vocabulary (GPT-2, Llama 3, SmolLM2) spells every byte as one printable
+    character; its token strings map back to bytes exactly, so a token holding half of a UTF-8
+    character gives that half. Other vocabularies: ``<0xNN>`` byte-fallback tokens give their byte,
+    the rest their text (SentencePiece's ``▁`` as a space). Special tokens give their text.
+    """
+
+    __slots__ = ("_byte_level", "_cache", "_special", "_tok")
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tok = tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._byte_level = "ByteLevel" in repr(getattr(backend, "decoder", None))
+        decoder = getattr(tokenizer, "added_tokens_decoder", {})
+        self._special: dict[int, str] = {int(i): str(t.content) for i, t in decoder.items()}
+        self._cache: dict[int, bytes] = {}
+
+    def __call__(self, token_id: int) -> bytes:
+        got = self._cache.get(token_id)
+        if got is None:
+            got = self._cache[token_id] = self._bytes(token_id)
+        return got
+
+    def _bytes(self, token_id: int) -> bytes:
+        special = self._special.get(token_id)
+        if special is not None:
+            return special.encode()
+        piece = str(self._tok.convert_ids_to_tokens(token_id))
+        if self._byte_level and all(c in _UNICODE_TO_BYTE for c in piece):
+            return bytes(_UNICODE_TO_BYTE[c] for c in piece)
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode()
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """Byte-level BPE's spelling of bytes: printable Latin-1 bytes stand for themselves, the other
+    bytes (controls, space, 0x7f-0xa0, 0xad) for the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table = {chr(b): b for b in printable}
+    others = [b for b in range(256) if b not in printable]
+    table |= {chr(0x100 + n): b for n, b in enumerate(others)}
+    return table
+
+
+_UNICODE_TO_BYTE = _byte_alphabet()

@@ -13,6 +13,11 @@ Min-p (after temperature, before top-k/top-p, as vLLM orders it) keeps the token
 probability is at least ``min_p`` times the row's top one. Penalties and logit bias change the
 logits before all of this (:class:`Penalties`).
 
+Log-probabilities (:func:`top_logprobs`) are taken from the model's raw distribution, before
+penalties, logit bias, temperature and the filters: what the model itself says of each token, the
+same whatever sampling settings a request uses (vLLM's default, ``raw_logprobs``). It is one
+``log_softmax`` and one ``topk`` over the rows that asked; a batch where no row asked runs neither.
+
 Top-p needs sorted probabilities; sorting a whole vocabulary per row is slow, so rows are sorted
 within their top ``_CANDIDATES`` only, and a row whose nucleus is not complete within them (a very
 flat distribution) falls back to a full sort. The result is exact either way.
@@ -20,13 +25,14 @@ flat distribution) falls back to a full sort. The result is exact either way.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
-from batcher.backend import SamplingParams
+from batcher.backend import Logprobs, SamplingParams, TokenLogprob
 
-__all__ = ["GREEDY_BELOW", "Penalties", "RowSampler", "sample"]
+__all__ = ["GREEDY_BELOW", "Penalties", "RowSampler", "TopLogprobs", "sample", "top_logprobs"]
 
 _CANDIDATES = 256
 GREEDY_BELOW = 1e-6
@@ -63,6 +69,48 @@ def sample(
         drawn = _draw(logits[rows].float(), chosen, _uniforms(chosen, generator))
         tokens[torch.tensor(rows, device=tokens.device)] = drawn.to(tokens.device)
     return [int(t) for t in tokens.tolist()]
+
+
+@dataclass(frozen=True, slots=True)
+class TopLogprobs:
+    """The log-probabilities of the rows that asked for them, computed before sampling: each
+    row's whole distribution (to look up the token it will sample) and its top ``k``."""
+
+    rows: list[int]  # batch rows that asked, in order
+    ks: list[int]  # how many alternatives each of them asked for
+    logprobs: torch.Tensor  # [len(rows), vocab] float32
+    top_values: torch.Tensor  # [len(rows), max(ks)]
+    top_ids: torch.Tensor
+
+    def entries(self, tokens: Sequence[int], token_bytes: Callable[[int], bytes]) -> list[Logprobs]:
+        """One :class:`Logprobs` per asking row, for the ``tokens`` sampled (one per batch row)."""
+        chosen_ids = [tokens[r] for r in self.rows]
+        at = torch.tensor(chosen_ids, device=self.logprobs.device).unsqueeze(1)
+        chosen = self.logprobs.gather(1, at).squeeze(1).tolist()
+        values, ids = self.top_values.tolist(), self.top_ids.tolist()
+        return [
+            Logprobs(
+                TokenLogprob(t, lp, token_bytes(t)),
+                tuple(
+                    TokenLogprob(i, v, token_bytes(i)) for i, v in zip(ids[j][:k], values[j][:k], strict=True)
+                ),
+            )
+            for j, (t, lp, k) in enumerate(zip(chosen_ids, chosen, self.ks, strict=True))
+        ]
+
+
+def top_logprobs(logits: torch.Tensor, asks: Sequence[int | None]) -> TopLogprobs | None:
+    """The raw log-probabilities of the rows of ``logits`` whose ``asks`` entry is not None (the
+    number of alternatives each wants): one batched ``log_softmax`` and ``topk``. None if no row
+    asked. Call before anything changes ``logits`` in place (penalties)."""
+    rows = [i for i, k in enumerate(asks) if k is not None]
+    if not rows:
+        return None
+    ks = [k for k in asks if k is not None]
+    sub = logits if len(rows) == len(asks) else logits[torch.tensor(rows, device=logits.device)]
+    logprobs = torch.log_softmax(sub.float(), dim=-1)
+    values, ids = torch.topk(logprobs, max(ks), dim=-1)
+    return TopLogprobs(rows, ks, logprobs, values, ids)
 
 
 def _uniforms(samplers: Sequence[RowSampler], generator: torch.Generator) -> torch.Tensor:

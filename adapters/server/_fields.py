@@ -10,7 +10,7 @@ the common vLLM extensions) has one entry here:
   ``neutral`` ones (``null`` always, ``n: 1``, ``frequency_penalty: 0``...) gets a 400 naming it.
 
 A field outside the table is refused too (OpenAI answers "Unrecognized request argument"). Work
-that implements a field (logprobs, ``n``, JSON mode are planned) flips its entry to
+that implements a field (JSON mode is planned) flips its entry to
 ``supported`` and adds it to the request model. ``docs/server.md`` renders this table.
 """
 
@@ -58,7 +58,9 @@ FIELDS: dict[str, FieldRule] = {
     # -- honoured ----------------------------------------------------------------------------
     "model": _supported("must name the served model or an alias (else 404 model_not_found)"),
     "messages": _supported("text content only (string or text parts)", _CHAT),
-    "prompt": _supported("a string or a list of strings (one choice each)", _COMPLETIONS),
+    "prompt": _supported(
+        "a string or token ids, or a list of up to 64 of them (one choice each)", _COMPLETIONS
+    ),
     "max_tokens": _supported("in [1, --max-tokens-limit]"),
     "max_completion_tokens": _supported("the same as max_tokens", _CHAT),
     "temperature": _supported("in [0, 2]; 0 is greedy"),
@@ -73,6 +75,12 @@ FIELDS: dict[str, FieldRule] = {
     "min_p": _supported("extension: in [0, 1]; drop tokens below min_p x the top probability"),
     "stream": _supported("server-sent events, then data: [DONE]"),
     "stream_options": _supported("include_usage; include_obfuscation is ignored"),
+    "logprobs": _supported(
+        "completions: 0 to 5 alternatives (legacy shape); chat: true, with top_logprobs; from the "
+        "model's raw distribution, before penalties and temperature"
+    ),
+    "n": _supported("choices per prompt, up to 64 choices per request; a seed gives each its own"),
+    "top_logprobs": _supported("0 to 20 alternatives per token; needs logprobs: true", _CHAT),
     # -- accepted, dropped: they cannot change the text ----------------------------------------
     "user": _ignored("an end-user id for the caller's records (carried, not used)"),
     "metadata": _ignored("stored-completion tags; nothing is stored"),
@@ -85,12 +93,9 @@ FIELDS: dict[str, FieldRule] = {
     "safety_identifier": _ignored("an end-user id for abuse detection (not used)", _CHAT),
     "prediction": _ignored("predicted output is a latency hint; the text is the same", _CHAT),
     # -- would change the output: refused unless neutral ---------------------------------------
-    "n": _refused("one choice per request", 1),
     "best_of": _refused("one candidate per prompt", 1, endpoints=_COMPLETIONS),
     "echo": _refused("the prompt is not echoed", False, endpoints=_COMPLETIONS),
     "suffix": _refused("no insertion (fill-in-the-middle) mode", "", endpoints=_COMPLETIONS),
-    "logprobs": _refused("log-probabilities are not computed yet", False),
-    "top_logprobs": _refused("log-probabilities are not computed yet", 0, endpoints=_CHAT),
     "response_format": _refused("only plain text; JSON mode is planned", {"type": "text"}, endpoints=_CHAT),
     "tools": _refused("no tool calling", [], endpoints=_CHAT),
     "tool_choice": _refused("no tool calling", "none", endpoints=_CHAT),

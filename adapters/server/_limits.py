@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from batcher import Prompt, PromptTooLong
+from batcher import Prompt, PromptTooLong, TokenIds
 
 if TYPE_CHECKING:
     from ._app import ServerSettings
@@ -100,6 +100,16 @@ class PromptLimits:
 
     def check(self, prompt: Prompt) -> None:
         """Raise :class:`PromptTooLong` if ``prompt`` surely cannot fit the context."""
+        if isinstance(prompt, TokenIds):
+            if self.context is not None and len(prompt.ids) >= self.context:
+                raise PromptTooLong(
+                    f"the prompt has {len(prompt.ids)} token ids; the model's context is "
+                    f"{self.context} tokens (prompt + at least one generated token): shorten it",
+                    limit=self.context,
+                    requested=len(prompt.ids),
+                    field="prompt",
+                )
+            return
         text = prompt if isinstance(prompt, str) else "".join(_contents(prompt))
         where = "prompt" if isinstance(prompt, str) else "messages"
         if len(text) > self.max_prompt_chars:

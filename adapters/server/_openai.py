@@ -15,7 +15,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from batcher import InvalidRequest
+from batcher import InvalidRequest, Prompt, TokenIds
+from batcher.backend import Logprobs, TokenLogprob
 
 from ._fields import Endpoint, check_fields
 
@@ -28,10 +29,13 @@ __all__ = [
 ]
 
 SSE_DONE = b"data: [DONE]\n\n"
-#: The most prompts one completions request may carry (each is its own batcher request).
+#: The most choices one request may ask for (prompts x n; each is its own batcher request).
 MAX_PROMPTS = 64
 #: OpenAI's temperature range.
 MAX_TEMPERATURE = 2.0
+#: The most alternatives per token: completions' legacy ``logprobs``, chat's ``top_logprobs``.
+MAX_COMPLETION_LOGPROBS = 5
+MAX_TOP_LOGPROBS = 20
 
 
 # -- requests ----------------------------------------------------------------------------------
@@ -58,6 +62,7 @@ class _Common(BaseModel):
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    n: int | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -97,8 +102,24 @@ class _Common(BaseModel):
             "frequency_penalty": self.frequency_penalty,
             "repetition_penalty": self.repetition_penalty,
             "logit_bias": self.logit_bias or None,
+            "logprobs": self.logprobs_k(),
         }
         return {k: v for k, v in opts.items() if v is not None}
+
+    def choices(self, prompts: int) -> int:
+        """``n``, checked: choices per prompt, at most :data:`MAX_PROMPTS` choices in all."""
+        n = 1 if self.n is None else self.n
+        if not 1 <= n <= MAX_PROMPTS // prompts:
+            raise InvalidRequest(
+                f"n must be an integer in [1, {MAX_PROMPTS // prompts}] (at most {MAX_PROMPTS} choices "
+                f"per request, over {prompts} prompt(s)), got {n}",
+                field="n",
+            )
+        return n
+
+    def logprobs_k(self) -> int | None:
+        """How many alternatives per token the request wants (None: no logprobs)."""
+        return None
 
     @property
     def include_usage(self) -> bool:
@@ -109,28 +130,43 @@ class CompletionRequest(_Common):
     """POST /v1/completions."""
 
     endpoint: ClassVar[Endpoint] = "completions"
-    prompt: str | list[str] = Field(..., description="A prompt, or a list of prompts (one choice each).")
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        ..., description="A prompt (text or token ids), or a list of them (one choice each)."
+    )
+    logprobs: int | None = Field(None, description="0 to 5: each token's logprob and that many alternatives.")
+
+    def logprobs_k(self) -> int | None:
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_COMPLETION_LOGPROBS:
+            raise InvalidRequest(
+                f"logprobs must be an integer in [0, {MAX_COMPLETION_LOGPROBS}], got {self.logprobs}",
+                field="logprobs",
+            )
+        return self.logprobs
 
     @model_validator(mode="before")
     @classmethod
-    def _text_prompts(cls, data: Any) -> Any:
+    def _prompt_shape(cls, data: Any) -> Any:
         prompt = data.get("prompt") if isinstance(data, Mapping) else None
-        if isinstance(prompt, list) and any(isinstance(p, (int, list)) for p in prompt):
+        if isinstance(prompt, list) and not _prompt_list(prompt):
             raise InvalidRequest(
-                "token-id prompts are not supported yet: send the prompt as text", field="prompt"
+                "prompt must be a string, a list of strings, a list of token ids (integers) or a "
+                "list of such lists",
+                field="prompt",
             )
         return data
 
-    def prompts(self) -> list[str]:
-        """The prompts, checked: one string, or a list of 1 to :data:`MAX_PROMPTS` strings."""
-        prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
+    def prompts(self) -> list[Prompt]:
+        """The prompts, checked: a string or token ids, or a list of 1 to :data:`MAX_PROMPTS` of them."""
+        p = self.prompt
+        single = isinstance(p, str) or (bool(p) and isinstance(p[0], int))
+        prompts: list[Any] = [p] if single else list(p)
         if not 1 <= len(prompts) <= MAX_PROMPTS:
             raise InvalidRequest(
-                f"prompt must be a string or a list of 1 to {MAX_PROMPTS} strings, got a list of "
-                f"{len(prompts)}",
+                f"prompt must be a string, token ids, or a list of 1 to {MAX_PROMPTS} of them, got a "
+                f"list of {len(prompts)}",
                 field="prompt",
             )
-        return [check_text(p, "prompt") for p in prompts]
+        return [check_text(x, "prompt") if isinstance(x, str) else TokenIds(tuple(x)) for x in prompts]
 
 
 class TextPart(BaseModel):
@@ -151,6 +187,19 @@ class ChatRequest(_Common):
     endpoint: ClassVar[Endpoint] = "chat"
     messages: list[ChatMessageIn]
     max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+    def logprobs_k(self) -> int | None:
+        if self.top_logprobs is not None:
+            if not self.logprobs:
+                raise InvalidRequest("top_logprobs needs logprobs: true", field="top_logprobs")
+            if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+                raise InvalidRequest(
+                    f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}",
+                    field="top_logprobs",
+                )
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def chat_prompt(self) -> list[dict[str, str]]:
         if self.max_completion_tokens is not None:
@@ -170,6 +219,21 @@ class ChatRequest(_Common):
             }
             for i, m in enumerate(self.messages)
         ]
+
+
+def _prompt_list(prompt: list[Any]) -> bool:
+    """Whether a JSON list is strings, token ids, or lists of token ids (an empty list passes:
+    :meth:`CompletionRequest.prompts` says it needs 1 to 64)."""
+    return (
+        all(isinstance(x, str) for x in prompt)
+        or all(_is(x, int) for x in prompt)
+        or all(isinstance(x, list) and all(_is(i, int) for i in x) for x in prompt)
+    )
+
+
+def _is(value: Any, kind: type) -> bool:
+    """JSON type check where ``true`` is not an integer."""
+    return isinstance(value, kind) and not (kind is int and isinstance(value, bool))
 
 
 def check_text(text: str, field: str) -> str:
@@ -199,35 +263,45 @@ def usage_body(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 class ResponseShape:
-    """Builds the bodies of one response (one id, one ``created``) for either endpoint."""
+    """Builds the bodies of one response (one id, one ``created``) for either endpoint.
+    ``logprobs``: whether the request asked for them (else every choice's ``logprobs`` is null)."""
 
-    def __init__(self, *, chat: bool, model: str) -> None:
+    def __init__(self, *, chat: bool, model: str, logprobs: bool = False) -> None:
         self.chat = chat
         self.model = model
+        self.logprobs = logprobs
         self.id = new_id("chatcmpl" if chat else "cmpl")
         self.created = int(time.time())
 
     def _head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def full(self, choices: Sequence[tuple[str, str]], usage: Mapping[str, int]) -> dict[str, Any]:
-        """The non-streaming body: one choice per ``(text, finish_reason)``, ``index`` in order."""
+    def full(self, choices: Sequence[Choice], usage: Mapping[str, int]) -> dict[str, Any]:
+        """The non-streaming body: one choice each, ``index`` in order."""
         return self._head("chat.completion" if self.chat else "text_completion") | {
-            "choices": [self._choice(i, text, reason) for i, (text, reason) in enumerate(choices)],
+            "choices": [self._choice(i, c) for i, c in enumerate(choices)],
             "usage": dict(usage),
         }
 
-    def _choice(self, index: int, text: str, finish_reason: str) -> dict[str, Any]:
+    def _choice(self, index: int, c: Choice) -> dict[str, Any]:
         if self.chat:
-            choice: dict[str, Any] = {"index": index, "message": {"role": "assistant", "content": text}}
+            choice: dict[str, Any] = {"index": index, "message": {"role": "assistant", "content": c.text}}
         else:
-            choice = {"index": index, "text": text}
-        return choice | {"finish_reason": finish_reason, "logprobs": None}
+            choice = {"index": index, "text": c.text}
+        return choice | {"finish_reason": c.finish_reason, "logprobs": self._logprobs(c.logprobs, 0)}
 
     def chunk(
-        self, text: str | None, finish_reason: str | None = None, *, role: bool = False, index: int = 0
+        self,
+        text: str | None,
+        finish_reason: str | None = None,
+        *,
+        role: bool = False,
+        index: int = 0,
+        logprobs: Sequence[Logprobs] = (),
+        offset: int = 0,
     ) -> dict[str, Any]:
-        """One streaming chunk with one choice (``text=None``: an empty delta)."""
+        """One streaming chunk with one choice (``text=None``: an empty delta). ``offset``: where
+        this chunk's text starts in the choice's text (the legacy ``text_offset``)."""
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant"} if role else {}
             if text is not None:
@@ -235,13 +309,69 @@ class ResponseShape:
             choice: dict[str, Any] = {"index": index, "delta": delta}
         else:
             choice = {"index": index, "text": text or ""}
-        choice |= {"finish_reason": finish_reason, "logprobs": None}
+        choice |= {
+            "finish_reason": finish_reason,
+            "logprobs": self._logprobs(logprobs, offset) if not role else None,
+        }
         return self._head("chat.completion.chunk" if self.chat else "text_completion") | {"choices": [choice]}
 
     def usage_chunk(self, usage: Mapping[str, int]) -> dict[str, Any]:
         """The last chunk when ``stream_options.include_usage``: no choices, only usage."""
         head = self._head("chat.completion.chunk" if self.chat else "text_completion")
         return head | {"choices": [], "usage": dict(usage)}
+
+    def _logprobs(self, entries: Sequence[Logprobs], offset: int) -> dict[str, Any] | None:
+        if not self.logprobs:
+            return None
+        return chat_logprobs(entries) if self.chat else completion_logprobs(entries, offset)
+
+
+class Choice:
+    """One finished choice: its text, why it ended, its per-token logprobs (if asked)."""
+
+    __slots__ = ("finish_reason", "logprobs", "text")
+
+    def __init__(self, text: str, finish_reason: str, logprobs: Sequence[Logprobs] = ()) -> None:
+        self.text, self.finish_reason, self.logprobs = text, finish_reason, logprobs
+
+
+def token_text(raw: bytes) -> str:
+    """A token's text as OpenAI shows it: its UTF-8 text, or ``bytes:\\xNN...`` for a token that
+    holds part of a character (its ``bytes`` field carries the exact bytes either way)."""
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+def chat_logprobs(entries: Sequence[Logprobs]) -> dict[str, Any]:
+    """Chat's ``logprobs``: per token, its text, logprob, bytes and ``top_logprobs``."""
+
+    def one(t: TokenLogprob) -> dict[str, Any]:
+        return {"token": token_text(t.token_bytes), "logprob": t.logprob, "bytes": list(t.token_bytes)}
+
+    return {
+        "content": [one(e.chosen) | {"top_logprobs": [one(t) for t in e.top]} for e in entries],
+        "refusal": None,
+    }
+
+
+def completion_logprobs(entries: Sequence[Logprobs], offset: int = 0) -> dict[str, Any]:
+    """Completions' legacy ``logprobs``: parallel lists; each ``top_logprobs`` dict holds the top
+    alternatives and the chosen token (up to ``logprobs + 1`` entries, as OpenAI documents);
+    ``text_offset`` counts characters of the token texts from ``offset``."""
+    tokens = [token_text(e.chosen.token_bytes) for e in entries]
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    tops = [{token_text(t.token_bytes): t.logprob for t in (*e.top, e.chosen)} for e in entries]
+    return {
+        "tokens": tokens,
+        "token_logprobs": [e.chosen.logprob for e in entries],
+        "top_logprobs": tops,
+        "text_offset": offsets,
+    }
 
 
 def sse_event(data: Mapping[str, Any]) -> bytes:

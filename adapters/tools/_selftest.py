@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from batcher import BatchConfig, Batcher, BatcherError, Prompt
+from batcher import BatchConfig, Batcher, BatcherError, Prompt, TokenIds
 
 from ._compare import Divergence, Status, first_divergence, status
 from ._setup import SELFTEST_PROMPTS, make_backend, progress_bar, prompts
@@ -155,6 +155,8 @@ def _token(backend: Any, token: int | None) -> str:
 
 
 def _text(prompt: Prompt) -> str:
+    if isinstance(prompt, TokenIds):
+        return f"token ids {prompt.ids[:6]}"
     text = prompt if isinstance(prompt, str) else prompt[-1]["content"]
     return text if len(text) <= 40 else text[:39] + "…"
 

@@ -44,9 +44,12 @@ async def test_malformed_json_is_400(http: httpx.AsyncClient, raw: bytes) -> Non
         ({"prompt": ""}, "prompt"),
         ({"prompt": []}, "prompt"),
         ({"prompt": ["a"] * 65}, "prompt"),
-        ({"prompt": [1, 2, 3]}, "prompt"),
-        ({"prompt": [[1, 2], [3]]}, "prompt"),
-        ({"prompt": "x", "n": 2}, "n"),
+        ({"prompt": [1, -2, 3]}, "prompt"),
+        ({"prompt": [[1, 2], []]}, "prompt"),
+        ({"prompt": [1, "two"]}, "prompt"),
+        ({"prompt": [[1], ["a"]]}, "prompt"),
+        ({"prompt": "x", "n": 0}, "n"),
+        ({"prompt": ["x", "y"], "n": 33}, "n"),
         ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
         ({"prompt": "x", "max_tokens": "5"}, "max_tokens"),
         ({"prompt": "x", "max_tokens": 10**9}, "max_tokens"),
@@ -63,7 +66,8 @@ async def test_malformed_json_is_400(http: httpx.AsyncClient, raw: bytes) -> Non
         ({"prompt": "x", "echo": True}, "echo"),
         ({"prompt": "x", "unheard_of": 1}, "unheard_of"),
         ({"prompt": "x", "messages": []}, "messages"),
-        ({"prompt": "x", "logprobs": 3}, "logprobs"),
+        ({"prompt": "x", "logprobs": 6}, "logprobs"),
+        ({"prompt": "x", "logprobs": True}, "logprobs"),
         ({"prompt": "x", "stream_options": {"include_usage": "y"}}, "stream_options.include_usage"),
     ],
 )
@@ -110,9 +114,12 @@ async def test_one_max_tokens_limit_stated_once(http: httpx.AsyncClient, max_tok
         )
 
 
-async def test_token_id_prompts_get_a_clear_400(http: httpx.AsyncClient) -> None:
-    error = assert_error(await http.post("/v1/completions", json={"prompt": [5, 6]}), 400, "prompt")
-    assert error["message"] == "token-id prompts are not supported yet: send the prompt as text"
+async def test_bad_token_id_prompts_get_a_clear_400(http: httpx.AsyncClient) -> None:
+    error = assert_error(await http.post("/v1/completions", json={"prompt": [5, -6]}), 400, "prompt")
+    assert error["message"] == "token-id prompts hold non-negative integers, got -6"
+    long = {"prompt": list(range(5000)), "max_tokens": 2}  # the fake server's context: 4096
+    error = assert_error(await http.post("/v1/completions", json=long), 400, "prompt")
+    assert "5000 token ids" in error["message"]
 
 
 async def test_prompt_too_long_is_400_context_length_exceeded(http: httpx.AsyncClient) -> None:
