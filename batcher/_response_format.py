@@ -3,8 +3,8 @@
 Plain, hashable data, so it can ride in :class:`~batcher.backend.SamplingParams` through the
 torch-free core: a type and, for a schema, its JSON text. The Hugging Face backend compiles it into
 a grammar and masks each step's logits with it (``batcher.adapters.hf._grammar``; the design and the
-library choice: ``docs/structured-output.md``). :func:`tool_call_format` turns function tools into
-a format: an object naming one of the tools and holding that tool's arguments.
+library choice: ``docs/structured-output.md``). :meth:`ResponseFormat.tool_call` turns function
+tools into a format: an object naming one of the tools and holding that tool's arguments.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from ._errors import InvalidRequest
 
-__all__ = ["FormatType", "ResponseFormat", "tool_call_format"]
+__all__ = ["FormatType", "ResponseFormat"]
 
 FormatType = Literal["json_object", "json_schema"]
 
@@ -25,7 +25,7 @@ FormatType = Literal["json_object", "json_schema"]
 class ResponseFormat:
     """What a sequence's output must be. ``json_object``: any JSON object. ``json_schema``: an
     instance of ``schema`` (JSON text of a JSON Schema; properties come out in its order).
-    Build one with :meth:`json_object`, :meth:`json_schema` or :func:`tool_call_format`."""
+    Build one with :meth:`json_object`, :meth:`json_schema` or :meth:`tool_call`."""
 
     type: FormatType
     schema: str = ""
@@ -64,19 +64,19 @@ class ResponseFormat:
         """From a parsed schema (key order kept: it is the order the properties are generated in)."""
         return cls("json_schema", json.dumps(schema, separators=(",", ":"), ensure_ascii=False))
 
-
-def tool_call_format(tools: Sequence[tuple[str, Mapping[str, Any]]]) -> ResponseFormat:
-    """A format that forces one call of one of ``tools`` (``(name, parameters schema)`` pairs):
-    ``{"name": <one of the names>, "arguments": <an instance of that tool's parameters>}``."""
-    if not tools:
-        raise InvalidRequest("tools must name at least one function", field="tools")
-    calls = [
-        {
-            "type": "object",
-            "properties": {"name": {"const": name}, "arguments": dict(params) or {"type": "object"}},
-            "required": ["name", "arguments"],
-            "additionalProperties": False,
-        }
-        for name, params in tools
-    ]
-    return ResponseFormat.json_schema(calls[0] if len(calls) == 1 else {"anyOf": calls})
+    @classmethod
+    def tool_call(cls, tools: Sequence[tuple[str, Mapping[str, Any]]]) -> ResponseFormat:
+        """One call of one of ``tools`` (``(name, parameters schema)`` pairs), as
+        ``{"name": <one of the names>, "arguments": <an instance of that tool's parameters>}``."""
+        if not tools:
+            raise InvalidRequest("tools must name at least one function", field="tools")
+        calls = [
+            {
+                "type": "object",
+                "properties": {"name": {"const": name}, "arguments": dict(params) or {"type": "object"}},
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+            for name, params in tools
+        ]
+        return cls.json_schema(calls[0] if len(calls) == 1 else {"anyOf": calls})

@@ -4,7 +4,7 @@ The grammar engine is llguidance (why, with the measurements: ``docs/structured-
 Pieces, in the order a request meets them:
 
 * :class:`~batcher._response_format.ResponseFormat` (torch-free, in the core): what the output
-  must be, as plain data; ``tool_call_format`` makes one from function tools.
+  must be, as plain data; ``ResponseFormat.tool_call`` makes one from function tools.
 * :class:`GrammarCompiler`: the model's tokenizer as llguidance sees it (built once, ~0.4 s), and
   a cache of compiled grammars by format; :meth:`~GrammarCompiler.matcher` gives a sequence its
   own :class:`Matcher` (a copy of the cached one, a few microseconds). A schema that does not
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from batcher import InvalidRequest
-from batcher._response_format import ResponseFormat
+from batcher.backend import ResponseFormat
 
 if TYPE_CHECKING:
     import llguidance

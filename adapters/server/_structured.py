@@ -12,7 +12,7 @@ Pure functions over the parsed JSON body; every request the backend could not ho
   text. ``"auto"`` (OpenAI's default when tools are sent) is refused: letting the model choose
   between text and a call needs a tool-call format the model was trained on, which SmolLM2 lacks;
   constrained decoding can only force the call.
-* The model's call comes out as ``{"name": ..., "arguments": {...}}`` (``tool_call_format``);
+* The model's call comes out as ``{"name": ..., "arguments": {...}}`` (``ResponseFormat.tool_call``);
   :func:`tool_calls` turns it into OpenAI's ``message.tool_calls``.
 """
 
@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from batcher import InvalidRequest
-from batcher._response_format import ResponseFormat, tool_call_format
+from batcher.backend import ResponseFormat
 
 __all__ = ["requested_format", "tool_calls"]
 
@@ -45,7 +45,7 @@ def requested_format(body: Mapping[str, Any]) -> ResponseFormat | None:
 
 
 def tool_calls(text: str) -> list[dict[str, Any]]:
-    """OpenAI's ``tool_calls`` for the text a ``tool_call_format`` produced."""
+    """OpenAI's ``tool_calls`` for the text a ``ResponseFormat.tool_call`` produced."""
     call = json.loads(text)
     return [
         {
@@ -112,7 +112,7 @@ def _forced_tools(tools: Any, choice: Any) -> ResponseFormat | None:
     if choice == "none":
         return None
     if choice == "required":
-        return tool_call_format(functions)
+        return ResponseFormat.tool_call(functions)
     if isinstance(choice, Mapping) and choice.get("type") == "function":
         name = choice.get("function", {}).get("name") if isinstance(choice.get("function"), Mapping) else None
         chosen = [f for f in functions if f[0] == name]
@@ -120,7 +120,7 @@ def _forced_tools(tools: Any, choice: Any) -> ResponseFormat | None:
             raise InvalidRequest(
                 f"tool_choice names function {name!r}, which is not among the tools", field="tool_choice"
             )
-        return tool_call_format(chosen)
+        return ResponseFormat.tool_call(chosen)
     raise InvalidRequest(
         f"tool_choice {json.dumps(choice)} is not supported: the model cannot choose between an answer "
         'and a call here; send "required" (a call of one of the tools), '

@@ -17,7 +17,7 @@ from batcher.adapters.hf._grammar import (  # noqa: E402
 )
 
 from batcher import InvalidRequest  # noqa: E402
-from batcher._response_format import ResponseFormat, tool_call_format  # noqa: E402
+from batcher.backend import ResponseFormat  # noqa: E402
 
 EOS = 2  # <|im_end|>
 SCHEMA = {
@@ -168,7 +168,7 @@ def test_a_tool_call_names_one_tool_and_holds_its_arguments(
     tokenizer: Any, compiler: GrammarCompiler
 ) -> None:
     weather = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
-    fmt = tool_call_format([("get_weather", weather), ("get_time", {})])
+    fmt = ResponseFormat.tool_call([("get_weather", weather), ("get_time", {})])
     good = '{"name": "get_time", "arguments": {}}'
     m = compiler.matcher(fmt)
     for t in ids(tokenizer, good):

@@ -1,4 +1,4 @@
-"""ResponseFormat and tool_call_format: the torch-free description of a structured output."""
+"""ResponseFormat: the torch-free description of a structured output (JSON, a schema, a tool call)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from batcher import InvalidRequest
-from batcher._response_format import ResponseFormat, tool_call_format
+from batcher.backend import ResponseFormat
 
 
 @pytest.mark.parametrize(
@@ -32,16 +32,16 @@ def test_schema_key_order_is_kept() -> None:
 
 def test_no_tools_is_refused() -> None:
     with pytest.raises(InvalidRequest, match="at least one") as info:
-        tool_call_format([])
+        ResponseFormat.tool_call([])
     assert info.value.field == "tools"
 
 
 def test_one_tool_is_its_call_and_several_are_any_of_theirs() -> None:
     params = {"type": "object", "properties": {"city": {"type": "string"}}}
-    one = json.loads(tool_call_format([("get_weather", params)]).schema)
+    one = json.loads(ResponseFormat.tool_call([("get_weather", params)]).schema)
     assert one["properties"] == {"name": {"const": "get_weather"}, "arguments": params}
     assert one["required"] == ["name", "arguments"] and one["additionalProperties"] is False
-    two = json.loads(tool_call_format([("a", params), ("b", {})]).schema)
+    two = json.loads(ResponseFormat.tool_call([("a", params), ("b", {})]).schema)
     names = [c["properties"]["name"]["const"] for c in two["anyOf"]]
     assert names == ["a", "b"]
     assert two["anyOf"][1]["properties"]["arguments"] == {"type": "object"}  # no parameters: any object

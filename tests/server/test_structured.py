@@ -9,7 +9,7 @@ import pytest
 from batcher.adapters.server._structured import requested_format, tool_calls
 
 from batcher import InvalidRequest
-from batcher._response_format import ResponseFormat, tool_call_format
+from batcher.backend import ResponseFormat
 
 PARAMS = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": PARAMS}}
@@ -41,11 +41,11 @@ def test_json_schema_keeps_the_schema_and_accepts_strict() -> None:
 
 
 def test_required_forces_a_call_of_any_tool_and_a_named_choice_of_that_one() -> None:
-    assert requested_format({"tools": [WEATHER, TIME], "tool_choice": "required"}) == tool_call_format(
-        [("get_weather", PARAMS), ("get_time", {})]
-    )
+    assert requested_format(
+        {"tools": [WEATHER, TIME], "tool_choice": "required"}
+    ) == ResponseFormat.tool_call([("get_weather", PARAMS), ("get_time", {})])
     named = {"type": "function", "function": {"name": "get_time"}}
-    assert requested_format({"tools": [WEATHER, TIME], "tool_choice": named}) == tool_call_format(
+    assert requested_format({"tools": [WEATHER, TIME], "tool_choice": named}) == ResponseFormat.tool_call(
         [("get_time", {})]
     )
 
