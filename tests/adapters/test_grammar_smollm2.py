@@ -27,61 +27,17 @@ from batcher.adapters.hf._grammar import (  # noqa: E402
     TokenMasks,
 )
 
-from batcher._response_format import ResponseFormat, tool_call_format  # noqa: E402
+from batcher.backend import ResponseFormat  # noqa: E402
+
+CASES = json.loads((Path(__file__).parents[1] / "structured_cases.json").read_text())
+SYSTEM: str = CASES["system"]
+OBJECT_PROMPTS: list[str] = CASES["object_prompts"]
+PERSON: dict[str, Any] = CASES["person"]
+TOOLS: dict[str, dict[str, Any]] = CASES["tools"]
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 EOS = 2  # <|im_end|>
-SYSTEM = "Reply with one short JSON object."
-OBJECT_PROMPTS = [
-    "Give the capital of France as JSON with the key capital.",
-    "A JSON object with a person's name and age.",
-    "What is 2+2? Answer in JSON with the key answer.",
-    "Give a colour and its hex code as a JSON object.",
-    "A JSON object for a book with title and year.",
-    "Give the boiling point of water in Celsius as JSON.",
-    "A JSON object with the keys x and y for a point.",
-    'Return {"ok": true} style JSON saying the task succeeded.',
-    "Give the name of a fruit and its colour in JSON.",
-    "A JSON object with a user's email address.",
-    "Say hello in French as JSON with the key greeting.",
-    "The number of legs of a spider, as JSON with the key legs.",
-    "A JSON object with a city and its country.",
-    "The HTTP status code for 'not found', as JSON with the key code.",
-    "A JSON object describing a dog with name and breed.",
-    "Give the opposite of 'hot' as JSON with the key opposite.",
-    "A JSON object with the keys first and last for a name.",
-    "Give the year the Second World War ended, as JSON.",
-    "A JSON object with a product name and a price.",
-    "The chemical symbol for gold, as JSON with the key symbol.",
-]
-PERSON = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 40},
-        "age": {"type": "integer", "minimum": 0, "maximum": 130},
-        "city": {"type": "string", "enum": ["Paris", "London", "Tokyo", "Other"]},
-        "hobbies": {"type": "array", "items": {"type": "string", "maxLength": 30}, "maxItems": 3},
-    },
-    "required": ["name", "age", "city", "hobbies"],
-    "additionalProperties": False,
-}
-WEATHER = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "maxLength": 40},
-        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-    },
-    "required": ["city", "unit"],
-    "additionalProperties": False,
-}
-TIME = {
-    "type": "object",
-    "properties": {"timezone": {"type": "string", "maxLength": 40}},
-    "required": ["timezone"],
-    "additionalProperties": False,
-}
-TOOLS = {"get_weather": WEATHER, "get_time": TIME}
 
 
 @dataclass
@@ -214,7 +170,7 @@ def test_json_schema_output_validates_when_sampled(model_and_tokenizer: tuple[An
 def test_a_tool_call_names_one_tool_with_valid_arguments(model_and_tokenizer: tuple[Any, Any]) -> None:
     model, tok = model_and_tokenizer
     users = ["What's the weather like in Berlin?", "What time is it in Tokyo?", "Is it cold in Oslo today?"]
-    fmt = tool_call_format(list(TOOLS.items()))
+    fmt = ResponseFormat.tool_call(list(TOOLS.items()))
     system = "You call one of the tools get_weather(city, unit) and get_time(timezone), as JSON."
     chats = [[{"role": "system", "content": system}, {"role": "user", "content": u}] for u in users]
     results = generate(model, tok, chats, [fmt] * len(chats), max_tokens=80)
