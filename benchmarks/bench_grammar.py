@@ -2,6 +2,8 @@
 
     python benchmarks/bench_grammar.py --rows 1 32 --steps 200
     python benchmarks/bench_grammar.py --overlap        # + the model: do masks overlap a forward?
+    python benchmarks/bench_grammar.py --backend plain  # HFBackend tokens/s, no response_format
+    python benchmarks/bench_grammar.py --backend json_object  # the same, every row json_object
 
 Prints, at each ``--rows``: the grammar compile times (tokenizer, json_object, a modest schema,
 one sequence's matcher copy), then milliseconds per step (median, p90) of ``TokenMasks.apply``
@@ -12,6 +14,12 @@ alike. Each constrained row walks a real JSON document token by token (a new one
 the masks are those of real states. ``--overlap`` loads the model and times a batch-32 decode
 forward alone, 32 json_object mask fills alone, and both at once (the fills on a second thread):
 llguidance releases the GIL, so the pair takes about the longer of the two when a core is free.
+
+``--backend plain|json_object`` runs only the real ``HFBackend``: ``--rows`` chats admitted at once
+and stepped until all end (greedy, ``max_tokens`` 64), a warm-up round then ``--rounds`` timed
+ones; it prints generated tokens per second (median) and the median decode step. ``plain``
+imports nothing of structured output, so the same file measures a checkout without it: run it
+alternately in both checkouts' venvs to see what the wiring costs a batch that does not use it.
 """
 
 from __future__ import annotations
@@ -26,13 +34,15 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from batcher.adapters.hf._grammar import GrammarCompiler, Matcher, TokenMasks
 from batcher.adapters.hf._load import embedded_model_dir
 
-from batcher._response_format import ResponseFormat
+if TYPE_CHECKING:  # imported in the functions: ``--backend plain`` runs on checkouts without them
+    from batcher.adapters.hf._grammar import GrammarCompiler, Matcher
+
+    from batcher.backend import ResponseFormat
 
 EOS = 2
 SCHEMA = {
@@ -96,6 +106,10 @@ def timed(fn: Callable[[], Any]) -> float:
 
 
 def compile_times(tok: Any, vocab: int) -> None:
+    from batcher.adapters.hf._grammar import GrammarCompiler
+
+    from batcher.backend import ResponseFormat
+
     t0 = time.perf_counter()
     compiler = GrammarCompiler(tok, vocab=vocab, eos=[EOS])
     print(f"tokenizer for llguidance: {1e3 * (time.perf_counter() - t0):.0f} ms (once per backend)")
@@ -109,6 +123,10 @@ def compile_times(tok: Any, vocab: int) -> None:
 
 
 def mask_costs(tok: Any, vocab: int, rows: int, steps: int) -> None:
+    from batcher.adapters.hf._grammar import GrammarCompiler, TokenMasks
+
+    from batcher.backend import ResponseFormat
+
     compiler = GrammarCompiler(tok, vocab=vocab, eos=[EOS])
     rng = random.Random(rows)
     obj, schema = ResponseFormat.json_object(), ResponseFormat.json_schema(SCHEMA)
@@ -147,7 +165,10 @@ def mask_costs(tok: Any, vocab: int, rows: int, steps: int) -> None:
 
 
 def overlap(tok: Any, vocab: int, steps: int) -> None:
+    from batcher.adapters.hf._grammar import GrammarCompiler
     from transformers import AutoModelForCausalLM, DynamicCache
+
+    from batcher.backend import ResponseFormat
 
     model = AutoModelForCausalLM.from_pretrained(str(embedded_model_dir()), dtype=torch.float32).eval()
     compiler = GrammarCompiler(tok, vocab=vocab, eos=[EOS])
@@ -185,12 +206,64 @@ def overlap(tok: Any, vocab: int, steps: int) -> None:
         print(f"  {name:14s} {1e3 * statistics.median(ts):8.2f}")
 
 
+CHATS = [
+    "Tell me about the history of Rome.",
+    "Describe a day at the beach.",
+    "What makes a good cup of coffee?",
+    "Explain how a bicycle works.",
+    "Write about your favourite season.",
+    "Give advice to a new gardener.",
+    "Describe the planets of the solar system.",
+    "What is the best way to learn a language?",
+]
+
+
+def backend_throughput(mode: str, rows: int, rounds: int) -> None:
+    """Tokens per second of HFBackend alone: ``rows`` chats admitted together, stepped to the end."""
+    from batcher.adapters.hf import HFBackend
+
+    from batcher.backend import NewSequence, SamplingParams
+
+    extra: dict[str, Any] = {}
+    if mode == "json_object":
+        from batcher.backend import ResponseFormat
+
+        extra["response_format"] = ResponseFormat.json_object()
+    backend = HFBackend(dtype="float32")
+    backend.start()
+    prompts = [backend.tokenize([{"role": "user", "content": CHATS[i % len(CHATS)]}]) for i in range(rows)]
+    params = SamplingParams(max_tokens=64, **extra)
+    rates, steps = [], []
+    for r in range(rounds + 1):
+        admit = [NewSequence(r * rows + i, p, params) for i, p in enumerate(prompts)]
+        tokens, t0 = 0, time.perf_counter()
+        while admit or backend.live_sequences:
+            t1 = time.perf_counter()
+            result = backend.step(admit, ())
+            if r and not admit:  # decode steps only: the prefill step is the same in both modes
+                steps.append(time.perf_counter() - t1)
+            admit = []
+            tokens += sum(len(o.token_ids) for o in result.outputs)
+        if r:  # the first round warms up
+            rates.append(tokens / (time.perf_counter() - t0))
+    backend.close()
+    print(f"HFBackend {mode}, {rows} rows x <= 64 tokens, {rounds} rounds:")
+    print(f"  {statistics.median(rates):.1f} tok/s (rounds: {', '.join(f'{x:.1f}' for x in rates)})")
+    print(f"  decode step {1e3 * statistics.median(steps):.1f} ms median over {len(steps)} steps")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, nargs="+", default=[1, 32])
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--overlap", action="store_true", help="also time masks against a model forward")
+    p.add_argument("--backend", choices=["plain", "json_object"], help="only HFBackend's tokens/s")
+    p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
+    if args.backend:
+        for rows in args.rows:
+            backend_throughput(args.backend, rows, args.rounds)
+        return
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(embedded_model_dir()))
