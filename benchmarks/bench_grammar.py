@@ -17,9 +17,11 @@ llguidance releases the GIL, so the pair takes about the longer of the two when 
 
 ``--backend plain|json_object`` runs only the real ``HFBackend``: ``--rows`` chats admitted at once
 and stepped until all end (greedy, ``max_tokens`` 64), a warm-up round then ``--rounds`` timed
-ones; it prints generated tokens per second (median) and the median decode step. ``plain``
-imports nothing of structured output, so the same file measures a checkout without it: run it
-alternately in both checkouts' venvs to see what the wiring costs a batch that does not use it.
+ones; it prints generated tokens per second (median) and the median decode step (``json_object``
+adds a system message asking for JSON, so the rows write objects rather than close one at once).
+``plain`` imports nothing of structured output, so the same file measures a checkout without it:
+run it alternately in both checkouts' venvs to see what the wiring costs a batch that does not
+use it.
 """
 
 from __future__ import annotations
@@ -231,7 +233,9 @@ def backend_throughput(mode: str, rows: int, rounds: int) -> None:
         extra["response_format"] = ResponseFormat.json_object()
     backend = HFBackend(dtype="float32")
     backend.start()
-    prompts = [backend.tokenize([{"role": "user", "content": CHATS[i % len(CHATS)]}]) for i in range(rows)]
+    system = [{"role": "system", "content": "Answer with one JSON object of several keys."}] if extra else []
+    chats = [[*system, {"role": "user", "content": CHATS[i % len(CHATS)]}] for i in range(rows)]
+    prompts = [backend.tokenize(chat) for chat in chats]
     params = SamplingParams(max_tokens=64, **extra)
     rates, steps = [], []
     for r in range(rounds + 1):
