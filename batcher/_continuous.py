@@ -109,6 +109,7 @@ class GenerationEngine(Engine):
         await super().start()
         self.host.start()
         await self.worker.submit(self.backend.start)
+        self.stats.prefix_cache.read(self.backend)
 
     def launch(self) -> None:
         super().launch()
@@ -229,7 +230,10 @@ class GenerationEngine(Engine):
         queued = pipeline.tenant_queues
         ahead = ahead_of(tenant or DEFAULT_TENANT, queued, self.config.tenant_weights)
         free = pipeline.batch_cap - pipeline.running
-        if ahead < free:
+        budget = self.config.max_prefill_tokens
+        # Steps the prompts queued ahead take to prefill: only their uncached tokens count.
+        prefill_steps = sum(r.prefill for r in pipeline.at(WAITING)) // budget if budget else 0
+        if ahead < free and not prefill_steps:
             return None  # it joins the next step: refusing it gains nothing
         running = pipeline.at(RUNNING)
         rows = min(pipeline.batch_cap, pipeline.running + pipeline.queue_depth + 1)
@@ -240,7 +244,8 @@ class GenerationEngine(Engine):
             rows,
             mean_tokens,
         )
-        return (steps + 1) * cost.predict(rows, cost.mean_new_tokens)
+        new_tokens = cost.mean_new_tokens if budget is None else min(cost.mean_new_tokens, budget)
+        return (max(steps, prefill_steps) + 1) * cost.predict(rows, new_tokens)
 
     def drain_estimate(self, now: float) -> tuple[float, float]:
         pipeline = self.pipeline
@@ -270,9 +275,12 @@ class GenerationEngine(Engine):
             self.pipeline.fail_step(e)
             return
         self._last_busy = busy
-        self.stats.observe_step(busy, batch, result.computed_tokens, result.padding_tokens)
-        self.stats.cached_tokens += result.cached_tokens
-        self.cost.observe(batch, new_tokens, busy)
+        stats = self.stats
+        stats.observe_step(busy, batch, result.computed_tokens, result.padding_tokens)
+        stats.cached_tokens += result.cached_tokens
+        stats.prefix_cache.read(self.backend)
+        # The model learns from the prompt tokens computed: a cached prefix costs no prefill.
+        self.cost.observe(batch, max(new_tokens - result.cached_tokens, 0), busy)
         now = asyncio.get_running_loop().time()
         self._token_rate.record(now, self.pipeline.deliver(result, now))
 
