@@ -199,10 +199,8 @@ async def run(args: argparse.Namespace) -> None:
     )
     print(f"TTFT p50 {statistics.median(ttfts):.4f} s  (mean {statistics.fmean(ttfts):.4f} s)")
     for name in PHASES:
-        xs = [r[name] for r in rows]
-        print(
-            f"  {name:16s} p50 {statistics.median(xs) * 1e3:8.1f} ms   mean {statistics.fmean(xs) * 1e3:8.1f} ms"
-        )
+        ms = [r[name] * 1e3 for r in rows]
+        print(f"  {name:16s} p50 {statistics.median(ms):8.1f} ms   mean {statistics.fmean(ms):8.1f} ms")
     print(
         f"  own step: uncached prompt tokens p50 {statistics.median(t.uncached for t in done)}, "
         f"rows p50 {statistics.median(t.step.rows for t in done if t.step)}"
