@@ -231,9 +231,9 @@ class GenerationEngine(Engine):
         ahead = ahead_of(tenant or DEFAULT_TENANT, queued, self.config.tenant_weights)
         free = pipeline.batch_cap - pipeline.running
         budget = self.config.max_prefill_tokens
-        # Steps the prompts queued ahead take to prefill: only their uncached tokens count.
-        prefill_steps = sum(r.prefill for r in pipeline.at(WAITING)) // budget if budget else 0
-        if ahead < free and not prefill_steps:
+        # Steps filled by the uncached prompt tokens queued ahead (cached prefixes cost nothing).
+        full = sum(r.prefill for r in pipeline.at(WAITING)) // budget if budget else 0
+        if ahead < free and not full:
             return None  # it joins the next step: refusing it gains nothing
         running = pipeline.at(RUNNING)
         rows = min(pipeline.batch_cap, pipeline.running + pipeline.queue_depth + 1)
@@ -244,8 +244,11 @@ class GenerationEngine(Engine):
             rows,
             mean_tokens,
         )
-        new_tokens = cost.mean_new_tokens if budget is None else min(cost.mean_new_tokens, budget)
-        return (max(steps, prefill_steps) + 1) * cost.predict(rows, new_tokens)
+        step = cost.predict(
+            rows, cost.mean_new_tokens if budget is None else min(cost.mean_new_tokens, budget)
+        )
+        prefill = full * cost.predict(rows, budget) if budget and full else 0.0
+        return max(steps * step, prefill) + step
 
     def drain_estimate(self, now: float) -> tuple[float, float]:
         pipeline = self.pipeline

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
-from batcher import BatchConfig, Batcher
+from batcher import BatchConfig, Batcher, Overloaded
 from batcher._continuous import GenerationEngine
 from batcher.testing import FakeBackend
 
@@ -83,3 +83,28 @@ async def test_the_cost_model_learns_from_uncached_tokens_only() -> None:
         # The model saw the prompt tokens each step computed, not the 403 of each prompt.
         assert cost.mean_new_tokens == sum(backend.prefill_sizes[:steps]) / steps
         assert cost.mean_new_tokens < 0.2 * (3 * 9 * 403) / steps
+
+
+async def slo_admits_a_ninth(cache: bool) -> bool:
+    """With 8 questions queued (cold: 8 steps of prefill under the budget), whether a ninth is
+    admitted under a 0.1 s time-to-first-token objective."""
+    config = BatchConfig(max_batch_size=16, max_prefill_tokens=512, ttft_slo_s=0.1)
+    async with Batcher(fake(cache), config) as b:
+        await b.generate(question(-1), max_tokens=10)  # 10 steps: the cost model is ready
+        streams = [b.stream(question(i), max_tokens=2) for i in range(8)]
+        await asyncio.gather(*(s.__aenter__() for s in streams))  # all 8 tokenized and queued
+        try:
+            async with b.stream(question(99), max_tokens=2):
+                return True
+        except Overloaded:
+            return False
+        finally:
+            for s in streams:
+                await s.__aexit__(None, None, None)
+
+
+async def test_slo_admission_counts_the_queued_uncached_prefill_only() -> None:
+    # Cold, the 8 queued prompts take 8 steps of prefill (>= 20 ms each) before a ninth's: refused
+    # at once. Cached, they compute 3 tokens each and all join the next step: admitted.
+    assert not await slo_admits_a_ninth(cache=False)
+    assert await slo_admits_a_ninth(cache=True)
