@@ -105,10 +105,9 @@ class FakeBackend:
     makes the backend blame that sequence when it is admitted, ``POISONOUS`` makes every step that
     holds it raise, and ``eos:N`` ends it with ``finish_reason="stop"`` after N tokens.
     :meth:`fail_next_steps` makes whole steps raise; ``oom_above`` makes every step of more
-    sequences than that raise ``MemoryError``. ``prefix_cache_tokens=0`` turns the prefix cache
-    off. A step that raises forgets every sequence, as a
+    sequences than that raise ``MemoryError``. A step that raises forgets every sequence, as a
     backend that resets its batch does; a resumed sequence (``NewSequence.resumed``) continues
-    exactly where it was.
+    exactly where it was. ``prefix_cache_tokens=0`` turns the prefix cache off.
     """
 
     def __init__(
