@@ -136,7 +136,7 @@ class Pipeline:
             error = InvalidRequest("the prompt tokenized to no tokens: send some text", field="prompt")
             req.finish("rejected", error=error)
             return
-        req.prepared(tuple(prepared.token_ids))
+        req.prepared(tuple(prepared.token_ids), prepared.cached_tokens)
         self._move(req, WAITING)
         if self.token_budget is not None and req.cost > self.token_budget:
             req.finish("rejected", error=req.too_long(self.token_budget))
@@ -158,6 +158,7 @@ class Pipeline:
             now=now,
             aging_s=self.config.priority_aging_s,
             shares=self.shares,
+            prefill_tokens=None if isolating else self.config.max_prefill_tokens,  # probe whole groups
         )
         for r in expired:
             r.expire()

@@ -46,6 +46,45 @@ def test_index_evicts_least_recently_used_leaves_within_its_capacity() -> None:
     assert 1 <= len(long) <= 3 and cache.cached_tokens <= 6
 
 
+def test_peek_says_what_match_would_reuse_without_touching_order_or_stats() -> None:
+    cache = PrefixCache(capacity=3, block=2)
+    cache.insert([1, 2, 3, 4])
+    cache.insert([5, 6])  # now more recent than [1, 2, 3, 4]
+    stats = (cache.stats.lookup_tokens, cache.stats.hit_tokens)
+    assert cache.peek([1, 2, 3, 4, 9]) == 4 and cache.peek([1, 2, 3, 4]) == 2 and cache.peek([7, 8, 9]) == 0
+    assert (cache.stats.lookup_tokens, cache.stats.hit_tokens) == stats
+    cache.insert([7, 8])  # the peeks did not refresh [1, 2, 3, 4]: its leaf is the victim
+    assert cache.peek([1, 2, 3, 4, 9]) == 2 and cache.peek([5, 6, 0]) == 2
+
+
+def test_peek_from_another_thread_while_the_cache_churns() -> None:
+    import threading
+
+    cache = PrefixCache(capacity=16, block=4)
+    prompts = [[p % 5, *range(p % 3, p % 3 + 40)] for p in range(60)]
+    stop = threading.Event()
+    seen: list[int] = []
+
+    def churn() -> None:  # the device thread: lookups, inserts, evictions
+        while not stop.is_set():
+            for p in prompts:
+                cache.match(p)
+                cache.insert(p)
+
+    device = threading.Thread(target=churn)
+    device.start()
+    try:
+        for _ in range(200):
+            seen += [cache.peek(p) for p in prompts]
+    finally:
+        stop.set()
+        device.join()
+    assert all(n % 4 == 0 and 0 <= n <= 40 for n in seen) and any(seen)
+    assert cache.stats.evictions > 0
+    for p in prompts:  # quiet again: a peek equals what a lookup then reuses
+        assert cache.peek(p) == 4 * len(cache.match(p))
+
+
 # -- the tiny random Llama ------------------------------------------------------------------------
 
 
