@@ -13,7 +13,7 @@ import pytest
 from batcher.adapters.hf._backend import HFBackend
 from batcher.adapters.hf._prefix import PrefixCache
 
-from batcher.backend import NewSequence
+from batcher.backend import NewSequence, PreparedPrompt, PrepareRequest
 
 from .conftest import greedy, run_schedule, solo_greedy
 
@@ -132,6 +132,24 @@ def test_turn_k_plus_1_reuses_turn_k_and_its_answer(tiny_small_cache: HFBackend)
             assert be.prefix_stats.hit_tokens - hits >= (len(history) - 1) // 8 * 8 - 16
             assert steps[0].computed_tokens <= len(history) - (len(history) - 1) // 8 * 8 + 16
         history = history + results[seq.seq_id].tokens + _prompt(rng, 3)
+
+
+def test_prepare_hints_the_prefix_the_next_step_reuses(tiny_dir: Path) -> None:
+    be = HFBackend(str(tiny_dir), dtype="float32", model_name="tiny", prefix_cache=256)
+    be.start()
+    try:
+        system = "You answer in French, briefly, and politely. " * 4
+        (first,) = be.prepare([PrepareRequest(system + "Hello?", greedy(2))])
+        assert isinstance(first, PreparedPrompt) and first.cached_tokens == 0
+        run_schedule(be, {0: [NewSequence(1, first.token_ids, greedy(2))]})
+        stats = (be.prefix_stats.lookup_tokens, be.prefix_stats.hit_tokens)
+        (second,) = be.prepare([PrepareRequest(system + "Why?", greedy(2))])
+        assert isinstance(second, PreparedPrompt) and second.cached_tokens >= 24
+        assert (be.prefix_stats.lookup_tokens, be.prefix_stats.hit_tokens) == stats  # a peek
+        _, steps = run_schedule(be, {0: [NewSequence(2, second.token_ids, greedy(2))]})
+        assert steps[0].cached_tokens == second.cached_tokens
+    finally:
+        be.close()
 
 
 def test_the_pool_is_inside_the_kv_budget_and_can_be_turned_off(tiny_dir: Path) -> None:
