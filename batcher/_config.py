@@ -22,6 +22,12 @@ class BatchConfig:
         never exceeds it (reserved up front, so a running sequence never runs out of room). ``None``
         takes the backend's own ``max_batch_tokens`` attribute if it has one, else no limit. When
         both are set, the smaller wins.
+    ``max_prefill_tokens``
+        the prompt tokens one step may prefill, per engine: a newcomer whose prompt would push the
+        step past it waits for the next step, so a burst of long prompts does not stall every
+        running sequence for one huge step. Only tokens the backend computes count: a prefix it
+        expects to serve from its cache (``PreparedPrompt.cached_tokens``) does not. A step's first
+        newcomer is always admitted, however long. ``None``: no limit.
     ``max_queue``
         requests waiting (not yet running) per batcher; one more is refused at once with
         :class:`~batcher.Overloaded`.
@@ -55,6 +61,7 @@ class BatchConfig:
 
     max_batch_size: int = 32
     max_batch_tokens: int | None = None
+    max_prefill_tokens: int | None = 2048
     max_queue: int = 256
     batch_window_s: float = 0.002
     priority_aging_s: float = 1.0
@@ -70,6 +77,8 @@ class BatchConfig:
         _positive_int("max_batch_size", self.max_batch_size)
         if self.max_batch_tokens is not None:
             _positive_int("max_batch_tokens", self.max_batch_tokens)
+        if self.max_prefill_tokens is not None:
+            _positive_int("max_prefill_tokens", self.max_prefill_tokens)
         _positive_int("max_queue", self.max_queue)
         _positive_int("default_max_tokens", self.default_max_tokens)
         _positive_int("max_tokens_limit", self.max_tokens_limit)

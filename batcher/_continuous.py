@@ -109,6 +109,7 @@ class GenerationEngine(Engine):
         await super().start()
         self.host.start()
         await self.worker.submit(self.backend.start)
+        self.stats.prefix_cache.read(self.backend)
 
     def launch(self) -> None:
         super().launch()
@@ -229,7 +230,10 @@ class GenerationEngine(Engine):
         queued = pipeline.tenant_queues
         ahead = ahead_of(tenant or DEFAULT_TENANT, queued, self.config.tenant_weights)
         free = pipeline.batch_cap - pipeline.running
-        if ahead < free:
+        budget = self.config.max_prefill_tokens
+        # Steps filled by the uncached prompt tokens queued ahead (cached prefixes cost nothing).
+        full = sum(r.prefill for r in pipeline.at(WAITING)) // budget if budget else 0
+        if ahead < free and not full:
             return None  # it joins the next step: refusing it gains nothing
         running = pipeline.at(RUNNING)
         rows = min(pipeline.batch_cap, pipeline.running + pipeline.queue_depth + 1)
@@ -240,7 +244,11 @@ class GenerationEngine(Engine):
             rows,
             mean_tokens,
         )
-        return (steps + 1) * cost.predict(rows, cost.mean_new_tokens)
+        step = cost.predict(
+            rows, cost.mean_new_tokens if budget is None else min(cost.mean_new_tokens, budget)
+        )
+        prefill = full * cost.predict(rows, budget) if budget and full else 0.0
+        return max(steps * step, prefill) + step
 
     def drain_estimate(self, now: float) -> tuple[float, float]:
         pipeline = self.pipeline
@@ -270,9 +278,12 @@ class GenerationEngine(Engine):
             self.pipeline.fail_step(e)
             return
         self._last_busy = busy
-        self.stats.observe_step(busy, batch, result.computed_tokens, result.padding_tokens)
-        self.stats.cached_tokens += result.cached_tokens
-        self.cost.observe(batch, new_tokens, busy)
+        stats = self.stats
+        stats.observe_step(busy, batch, result.computed_tokens, result.padding_tokens)
+        stats.cached_tokens += result.cached_tokens
+        stats.prefix_cache.read(self.backend)
+        # The model learns from the prompt tokens computed: a cached prefix costs no prefill.
+        self.cost.observe(batch, max(new_tokens - result.cached_tokens, 0), busy)
         now = asyncio.get_running_loop().time()
         self._token_rate.record(now, self.pipeline.deliver(result, now))
 

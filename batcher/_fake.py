@@ -1,10 +1,13 @@
 """A deterministic fake generation backend that ships: for users' tests, ours, and benchmarks.
 
-Its step takes ``step_time_s + step_time_per_seq_s * batch_size`` seconds (slept on the device
-thread, as a real model's step would block it), so batching behaves as it does on a real model. It
-tokenizes by whitespace and generates tokens that are a pure function of the prompt, the position
-and the seed (:func:`FakeBackend.expected_tokens`), so a test can check that every token reached
-the right request. Failures can be injected on demand.
+Its step takes ``step_time_s + step_time_per_seq_s * batch_size + step_time_per_token_s *
+prefilled tokens`` seconds (slept on the device thread, as a real model's step would block it), so
+batching behaves as it does on a real model. A prefix cache of ``prefix_cache_tokens`` (blocks of
+8 tokens keyed by a hash chain, LRU-evicted, as the HF backend's) serves the prompts' known
+prefixes: those tokens are not prefilled, and ``prepare`` reports them as
+``PreparedPrompt.cached_tokens``. It tokenizes by whitespace and generates tokens that are a pure
+function of the prompt, the position and the seed (:func:`FakeBackend.expected_tokens`), so a test
+can check that every token reached the right request. Failures can be injected on demand.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import math
 import threading
 import time
 import zlib
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from ._backend import NewSequence, PreparedPrompt, PrepareRequest, SeqOutput, StepResult
@@ -35,6 +39,66 @@ class _Seq:
     poison: bool
 
 
+@dataclass(slots=True)
+class FakePrefixStats:
+    """The fake prefix cache's running totals (named as ``HFBackend.prefix_stats``'s)."""
+
+    lookup_tokens: int = 0
+    hit_tokens: int = 0
+    evictions: int = 0
+
+    @property
+    def hit_ratio(self) -> float:
+        return self.hit_tokens / self.lookup_tokens if self.lookup_tokens else 0.0
+
+
+class _PrefixIndex:
+    """Blocks of ``block`` tokens keyed by a hash chain, LRU; locked (``prepare`` peeks from the
+    host thread while steps update it on the device thread)."""
+
+    def __init__(self, capacity_blocks: int, block: int = 8) -> None:
+        self.block, self.capacity = block, capacity_blocks
+        self._lru: OrderedDict[int, None] = OrderedDict()
+        self._lock = threading.Lock()
+        self.stats = FakePrefixStats()
+
+    @property
+    def held_tokens(self) -> int:
+        return len(self._lru) * self.block
+
+    def _keys(self, ids: Sequence[int], limit: int) -> Iterator[int]:
+        key, b = 0, self.block
+        for i in range(0, limit - b + 1, b):
+            key = hash((key, tuple(ids[i : i + b])))
+            yield key
+
+    def _cached(self, ids: Sequence[int]) -> list[int]:
+        hits: list[int] = []
+        for key in self._keys(ids, len(ids) - 1):  # the last token is always computed
+            if key not in self._lru:
+                break
+            hits.append(key)
+        return hits
+
+    def peek(self, ids: Sequence[int]) -> int:
+        with self._lock:
+            return len(self._cached(ids)) * self.block
+
+    def admit(self, ids: Sequence[int]) -> int:
+        """Look ``ids`` up (counted, touched) and index its full blocks; the tokens reused."""
+        with self._lock:
+            hits = len(self._cached(ids)) * self.block
+            self.stats.lookup_tokens += len(ids)
+            self.stats.hit_tokens += hits
+            for key in self._keys(ids, len(ids)):
+                self._lru[key] = None
+                self._lru.move_to_end(key)
+                if len(self._lru) > self.capacity:
+                    self._lru.popitem(last=False)
+                    self.stats.evictions += 1
+            return hits
+
+
 class FakeBackend:
     """A fake :class:`~batcher.GenerationBackend`.
 
@@ -44,7 +108,7 @@ class FakeBackend:
     :meth:`fail_next_steps` makes whole steps raise; ``oom_above`` makes every step of more
     sequences than that raise ``MemoryError``. A step that raises forgets every sequence, as a
     backend that resets its batch does; a resumed sequence (``NewSequence.resumed``) continues
-    exactly where it was.
+    exactly where it was. ``prefix_cache_tokens=0`` turns the prefix cache off.
     """
 
     def __init__(
@@ -56,10 +120,15 @@ class FakeBackend:
         max_context: int = 4096,
         max_batch_tokens: int | None = None,
         vocab_size: int = 50_000,
+        step_time_per_token_s: float = 0.0,
+        prefix_cache_tokens: int = 4096,
     ) -> None:
         self.model_name = model_name
         self.step_time_s = step_time_s
         self.step_time_per_seq_s = step_time_per_seq_s
+        self.step_time_per_token_s = step_time_per_token_s
+        self.prefix_cache_tokens = max(0, prefix_cache_tokens) // 8 * 8
+        self._prefix = _PrefixIndex(self.prefix_cache_tokens // 8) if self.prefix_cache_tokens else None
         self.max_context = max_context
         self.max_batch_tokens = max_batch_tokens
         self.vocab_size = vocab_size
@@ -72,6 +141,8 @@ class FakeBackend:
         self.threads: dict[str, set[int]] = {"start": set(), "prepare": set(), "step": set(), "close": set()}
         #: Batch size of every step, in order (for tests and benchmarks).
         self.batch_sizes: list[int] = []
+        #: Prompt tokens prefilled (not served from the prefix cache) by every step, in order.
+        self.prefill_sizes: list[int] = []
         self.started = False
         self.closed = False
         self._fail_id = self.word_id("FAIL")
@@ -99,23 +170,27 @@ class FakeBackend:
         for seq_id in drop:
             self._seqs.pop(seq_id, None)
         failed: dict[int, BaseException] = {}
+        prefilled = cached = 0
         for new in admit:
             if self._fail_id in new.prompt_ids:
                 failed[new.seq_id] = ValueError(f"injected failure for sequence {new.seq_id} (FAIL marker)")
                 continue
             seq = self._seqs[new.seq_id] = self._new_seq(new)
             self._poisoned |= seq.poison
+            hit = self._prefix.admit(new.prompt_ids) if self._prefix is not None else 0
+            cached, prefilled = cached + hit, prefilled + len(new.prompt_ids) - hit
         batch = len(self._seqs)
         self.batch_sizes.append(batch)
+        self.prefill_sizes.append(prefilled)
         self._raise_if_broken(batch)
-        delay = self.step_time_s + self.step_time_per_seq_s * batch
+        delay = self.step_time_s + self.step_time_per_seq_s * batch + self.step_time_per_token_s * prefilled
         if delay > 0:
             time.sleep(delay)
         outputs = [self._decode(seq_id, s) for seq_id, s in self._seqs.items()]
         for out in outputs:
             if out.finish_reason is not None:
                 del self._seqs[out.seq_id]
-        return StepResult(outputs, failed, computed_tokens=batch, padding_tokens=0)
+        return StepResult(outputs, failed, computed_tokens=batch, padding_tokens=0, cached_tokens=cached)
 
     def close(self) -> None:
         self.threads["close"].add(threading.get_ident())
@@ -123,6 +198,16 @@ class FakeBackend:
         self.closed = True
 
     # -- test helpers -----------------------------------------------------------------------
+    @property
+    def prefix_stats(self) -> FakePrefixStats:
+        """The prefix cache's running totals (all zero when it is off)."""
+        return self._prefix.stats if self._prefix is not None else FakePrefixStats()
+
+    @property
+    def cached_tokens(self) -> int:
+        """Tokens the prefix cache holds now."""
+        return self._prefix.held_tokens if self._prefix is not None else 0
+
     @property
     def live_sequences(self) -> int:
         """Sequences whose state the backend still holds (0 after every request ended)."""
@@ -198,7 +283,7 @@ class FakeBackend:
                 limit=self.max_context,
                 requested=total,
             )
-        return PreparedPrompt(ids)
+        return PreparedPrompt(ids, self._prefix.peek(ids) if self._prefix is not None else 0)
 
     def _eos_at(self, ids: Sequence[int]) -> int | None:
         return next((self._eos_marks[i] for i in ids if i in self._eos_marks), None)

@@ -6,7 +6,9 @@ tokens already delivered, under fresh ids. Then:
 
 * **out of memory** (``MemoryError``, or torch's ``OutOfMemoryError``, told by type name: the core
   never imports torch): nobody is to blame; the batch cap and the token budget halve, and the
-  requests run again in smaller batches;
+  requests run again in smaller batches (:class:`MemoryLimits`: after ``GROW_AFTER`` clean steps
+  they grow back by an eighth at a time, never to a size that ran out of memory, so a transient
+  shortage does not cost throughput for good and a real limit is found, not undershot by half);
 * **any other error**: the sequences of the step are suspects. They are split in halves, and each
   half is *probed*: admitted alone into a step (with only requests already cleared running). A
   probe that passes a step clears its half; a probe that raises is split again; a probe of one
@@ -23,7 +25,7 @@ from ._backend import NewSequence
 from ._errors import failed
 from ._request import WAITING, GenRequest
 
-__all__ = ["Isolation", "blamed", "out_of_memory", "resume"]
+__all__ = ["GROW_AFTER", "Isolation", "MemoryLimits", "blamed", "out_of_memory", "resume"]
 
 #: ``MemoryError`` and ``torch.cuda.OutOfMemoryError`` (also ``torch.OutOfMemoryError``).
 _OOM_NAMES = frozenset({"MemoryError", "OutOfMemoryError"})
@@ -32,6 +34,44 @@ _OOM_NAMES = frozenset({"MemoryError", "OutOfMemoryError"})
 def out_of_memory(error: BaseException) -> bool:
     """Whether ``error`` says the device (or the host) ran out of memory."""
     return any(cls.__name__ in _OOM_NAMES for cls in type(error).__mro__)
+
+
+#: Clean steps after which limits shrunk by out-of-memory errors grow back one notch.
+GROW_AFTER = 32
+
+
+class MemoryLimits:
+    """The batch cap and KV token budget an engine admits under: the configured ones until a step
+    runs out of memory, then halved (never below the largest running request, which must fit).
+    Every ``GROW_AFTER`` clean steps in a row they grow back by an eighth (at least one row), up
+    to just below the smallest batch and reservation that ran out of memory."""
+
+    __slots__ = ("_clean", "_max_batch", "_max_tokens", "batch_cap", "token_budget")
+
+    def __init__(self, batch_cap: int, token_budget: int | None) -> None:
+        self.batch_cap, self.token_budget = batch_cap, token_budget
+        self._max_batch, self._max_tokens = batch_cap, token_budget  # may be tried again
+        self._clean = 0
+
+    def shrink(self, batch: int, reserved: int, largest: int) -> None:
+        """A step of ``batch`` sequences reserving ``reserved`` tokens ran out of memory."""
+        self._max_batch = max(1, min(self._max_batch, batch - 1))
+        self.batch_cap = max(1, min(self.batch_cap, batch) // 2)
+        self.token_budget = max(largest, reserved // 2)
+        self._max_tokens = max(largest, min(self._max_tokens or reserved, reserved - 1))
+        self._clean = 0
+
+    def passed(self) -> None:
+        """A step ran without running out of memory."""
+        if self.batch_cap >= self._max_batch and self.token_budget == self._max_tokens:
+            return
+        self._clean += 1
+        if self._clean < GROW_AFTER:
+            return
+        self._clean = 0
+        self.batch_cap = min(self._max_batch, self.batch_cap + max(1, self.batch_cap // 8))
+        if self.token_budget is not None and self._max_tokens is not None:
+            self.token_budget = min(self._max_tokens, self.token_budget + max(1, self.token_budget // 8))
 
 
 class Isolation:

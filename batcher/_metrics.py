@@ -116,6 +116,7 @@ class _Collector:
                 c.add_metric([model, e.name], float(getattr(e.stats, attr)))
             yield c
         yield from _tenant_families(rows)
+        yield from _prefix_cache_families(rows)
         for name, attr, doc in _HISTOGRAMS:
             h = HistogramMetricFamily(name, doc, labels=_LABELS)
             for model, _, e in rows:
@@ -150,6 +151,30 @@ def _tenant_families(rows: list[_Row]) -> Iterator[Any]:
             n = other_queued if tenant == OTHER_TENANTS else e.tenant_queues.get(tenant, 0)
             queued.add_metric([model, e.name, tenant], float(n))
     yield from (tokens, requests, queued)
+
+
+def _prefix_cache_families(rows: list[_Row]) -> Iterator[Any]:
+    """The backend's prefix cache, for engines whose backend has one (see ``PrefixCacheUsage``)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    held = GaugeMetricFamily(
+        "batcher_prefix_cache_tokens", "Tokens the backend's prefix cache holds now.", labels=_LABELS
+    )
+    capacity = GaugeMetricFamily(
+        "batcher_prefix_cache_capacity_tokens", "Tokens the backend's prefix cache can hold.", labels=_LABELS
+    )
+    evictions = CounterMetricFamily(
+        "batcher_prefix_cache_evictions",
+        "Blocks evicted from the backend's prefix cache (least recently used first).",
+        labels=_LABELS,
+    )
+    for model, _, e in rows:
+        usage = e.stats.prefix_cache
+        if usage.capacity:
+            held.add_metric([model, e.name], float(usage.held))
+            capacity.add_metric([model, e.name], float(usage.capacity))
+            evictions.add_metric([model, e.name], float(usage.evictions))
+    yield from (held, capacity, evictions)
 
 
 def _buckets(h: Histogram) -> list[tuple[str, float]]:

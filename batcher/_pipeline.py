@@ -16,7 +16,7 @@ from collections.abc import Callable, Collection
 from ._backend import NewSequence, PreparedPrompt, StepResult
 from ._config import BatchConfig
 from ._errors import InvalidRequest, failed
-from ._faults import Isolation, blamed, out_of_memory, resume
+from ._faults import Isolation, MemoryLimits, blamed, out_of_memory, resume
 from ._request import RUNNING, WAITING, GenRequest, Stage
 from ._scheduler import FairShare, plan
 from ._stats import DrainRate, EngineStats
@@ -42,8 +42,7 @@ class Pipeline:
         """``wake`` tells the engine a step has work; ``idle`` that no request is left; ``new_id``
         gives a fresh sequence id (unique per batcher) to a request resumed after a fault."""
         self.config = config
-        self.token_budget = token_budget
-        self.batch_cap = config.max_batch_size  # halved by each out-of-memory step
+        self.limits = MemoryLimits(config.max_batch_size, token_budget)  # out of memory shrinks them
         self.stats = stats
         self._drain = drain
         self._wake_engine = wake
@@ -61,6 +60,14 @@ class Pipeline:
         self.tenant_queues: dict[str, int] = {}
 
     # -- derived counts -----------------------------------------------------------------------
+    @property
+    def batch_cap(self) -> int:
+        return self.limits.batch_cap
+
+    @property
+    def token_budget(self) -> int | None:
+        return self.limits.token_budget
+
     @property
     def preparing(self) -> int:
         return len(self._preparing)
@@ -136,7 +143,7 @@ class Pipeline:
             error = InvalidRequest("the prompt tokenized to no tokens: send some text", field="prompt")
             req.finish("rejected", error=error)
             return
-        req.prepared(tuple(prepared.token_ids))
+        req.prepared(tuple(prepared.token_ids), prepared.cached_tokens)
         self._move(req, WAITING)
         if self.token_budget is not None and req.cost > self.token_budget:
             req.finish("rejected", error=req.too_long(self.token_budget))
@@ -158,6 +165,7 @@ class Pipeline:
             now=now,
             aging_s=self.config.priority_aging_s,
             shares=self.shares,
+            prefill_tokens=None if isolating else self.config.max_prefill_tokens,  # probe whole groups
         )
         for r in expired:
             r.expire()
@@ -190,6 +198,7 @@ class Pipeline:
         stats = self.stats
         generated = 0
         self._isolation.passed()
+        self.limits.passed()
         for out in result.outputs:
             r = running.get(out.seq_id)
             if r is None:
@@ -237,7 +246,7 @@ class Pipeline:
             culprit: GenRequest | None = lost[0]
         elif out_of_memory(cause):
             culprit = None
-            self._shrink(len(lost))
+            self.limits.shrink(len(lost), self._reserved, max(r.cost for r in lost))
             self._isolation.forget_probe()
         else:
             culprit = self._isolation.blame(lost)
@@ -256,13 +265,6 @@ class Pipeline:
                 self._queued(r.tenant, 1)
         self._waiting.update(waiting)
         self._wake_engine()
-
-    def _shrink(self, batch: int) -> None:
-        """Out of memory at ``batch`` sequences: halve the batch cap and the token budget (never
-        below the largest request running, which must still fit)."""
-        self.batch_cap = max(1, min(self.batch_cap, batch) // 2)
-        largest = max(r.cost for r in self._running.values())
-        self.token_budget = max(largest, self._reserved // 2)
 
     def end_all(self, outcome: Outcome, error: BaseException) -> None:
         for r in [*self._preparing.values(), *self._waiting.values(), *self._running.values()]:

@@ -57,6 +57,7 @@ class GenRequest:
         "last_token_at",
         "outcome",
         "params",
+        "prefill",
         "priority",
         "produced",
         "prompt",
@@ -90,6 +91,7 @@ class GenRequest:
         self.stage = PREPARING
         self.prompt_ids: tuple[int, ...] = ()
         self.cost = 0  # KV tokens reserved while running: prompt + max_tokens
+        self.prefill = 0  # prompt tokens to compute when admitted: less the backend's cached prefix
         self.produced = 0
         self.generated: list[int] = []  # every id delivered: a resumed sequence's prompt tail
         self.first_token_at: float | None = None
@@ -109,10 +111,12 @@ class GenRequest:
         return self.stage == DONE
 
     # -- the pipeline's side ----------------------------------------------------------------
-    def prepared(self, ids: tuple[int, ...]) -> None:
-        """The prompt is tokenized: set its ids and cost, and wake a consumer waiting for it."""
+    def prepared(self, ids: tuple[int, ...], cached: int = 0) -> None:
+        """The prompt is tokenized (``cached`` of its first tokens expected from the backend's
+        prefix cache): set its ids, cost and prefill, and wake a consumer waiting for it."""
         self.prompt_ids = ids
         self.cost = len(ids) + self.params.max_tokens
+        self.prefill = len(ids) - min(max(cached, 0), len(ids) - 1)
         release(self._prepared_waiter)
 
     def push(self, ids: Sequence[int], text: str, logprobs: Sequence[Logprobs] = ()) -> None:

@@ -16,8 +16,13 @@ The policy, in order:
    request that waited ``(p_high - p_low) * priority_aging_s`` seconds ranks with fresh
    high-priority work. Priority orders a tenant's own requests; it cannot buy a tenant more than
    its weight.
-4. Requests are admitted in that order while slots (``max_batch_size``) and KV tokens
-   (prompt + max_tokens, reserved up front) remain. The first request that does not fit stops
+4. Requests are admitted in that order while slots (``max_batch_size``), KV tokens
+   (prompt + max_tokens, reserved up front) and the step's prefill budget remain. The prefill
+   budget counts only the prompt tokens a newcomer will compute (``prefill``: its prompt less the
+   prefix the backend expects to serve from its cache), so newcomers with a cached prefix fit
+   more per step, and a long cold prompt waits for a step of its own rather than stall every
+   running row behind its prefill; the first newcomer of a step always fits it (else a prompt
+   longer than the budget would never run). The first request that does not fit stops
    admission: skipping it for smaller ones would let a stream of small requests starve a large one.
 """
 
@@ -41,6 +46,8 @@ class Schedulable(Protocol):
     def deadline(self) -> float | None: ...
     @property
     def cost(self) -> int: ...
+    @property
+    def prefill(self) -> int: ...
     @property
     def tenant(self) -> str: ...
 
@@ -106,11 +113,13 @@ def plan(
     now: float,
     aging_s: float,
     shares: FairShare | None = None,
+    prefill_tokens: int | None = None,
 ) -> tuple[list[R], list[R], list[R]]:
     """Return ``(admit, expired, rest)`` for the waiting requests (see module doc).
 
-    ``free_tokens`` is None when there is no token budget. ``rest`` keeps the waiting requests in
-    arrival order. Without ``shares`` every request counts as one tenant's.
+    ``free_tokens`` is None when there is no token budget, ``prefill_tokens`` when there is no
+    per-step prefill budget. ``rest`` keeps the waiting requests in arrival order. Without
+    ``shares`` every request counts as one tenant's.
     """
     live: list[R] = []
     expired: list[R] = []
@@ -124,7 +133,7 @@ def plan(
     else:
         ordered = _fair_order(live, now, aging_s, shares)
     admit: list[R] = []
-    budget = free_tokens
+    budget, prefill = free_tokens, prefill_tokens
     for r in ordered:
         if len(admit) == free_slots:
             break
@@ -132,6 +141,10 @@ def plan(
             if r.cost > budget:
                 break
             budget -= r.cost
+        if prefill is not None:
+            if admit and r.prefill > prefill:
+                break
+            prefill -= r.prefill
         admit.append(r)
         if shares is not None:
             shares.charge(r.tenant, r.cost)

@@ -21,6 +21,7 @@ __all__ = [
     "EngineReport",
     "EngineStats",
     "Histogram",
+    "PrefixCacheUsage",
     "TenantCounts",
     "TenantTally",
     "merge",
@@ -165,6 +166,30 @@ class TenantTally:
         return [*self.named.items(), (OTHER_TENANTS, self.other)]
 
 
+class PrefixCacheUsage:
+    """A backend's prefix cache as last read: tokens it holds, its capacity in tokens (0: the
+    backend has none) and blocks evicted so far.
+
+    Read off the backend on the event loop after each step, from the attributes a backend with
+    a prefix cache exposes (``HFBackend``, ``FakeBackend``): ``prefix_cache_tokens`` (capacity),
+    ``cached_tokens`` (held now) and ``prefix_stats.evictions``. Plain reads of ints the device
+    thread writes; a value is at most one step old.
+    """
+
+    __slots__ = ("capacity", "evictions", "held")
+
+    def __init__(self) -> None:
+        self.held = self.capacity = self.evictions = 0
+
+    def read(self, backend: object) -> None:
+        capacity = getattr(backend, "prefix_cache_tokens", 0)
+        if not isinstance(capacity, int) or capacity <= 0:
+            return
+        self.capacity = capacity
+        self.held = int(getattr(backend, "cached_tokens", 0))
+        self.evictions = int(getattr(getattr(backend, "prefix_stats", None), "evictions", 0))
+
+
 @dataclass
 class EngineStats:
     """Counters and histograms of one engine. Written only on the event loop thread."""
@@ -182,6 +207,7 @@ class EngineStats:
     computed_tokens: int = 0
     padding_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens a backend's prefix cache served
+    prefix_cache: PrefixCacheUsage = field(default_factory=PrefixCacheUsage)
     busy_seconds: float = 0.0
     steps: int = 0
     step_splits: int = 0  # failed steps retried on smaller batches (batcher._faults)

@@ -12,7 +12,7 @@ so that a neighbour's load drifts over both alike; the medians over rounds are r
 
 The machine may be shared: figures are noisy; the A/B is interleaved for that reason.
 
-    .venv/bin/python benchmarks/bench_prefix.py [--rounds 2] [--poisson-prompts 16]
+    .venv/bin/python benchmarks/bench_prefix.py [--rounds 2] [--poisson-prompts 16] [--settings on]
 """
 
 from __future__ import annotations
@@ -119,14 +119,18 @@ async def main(args: argparse.Namespace) -> None:
         f"c={args.concurrency} rounds={args.rounds}",
         flush=True,
     )
-    runs: dict[str, list[dict[str, Any]]] = {"on": [], "off": []}
-    order = ["on", "off", "off", "on"] * args.rounds
-    for name in order[: 2 * args.rounds]:
+    settings = args.settings.split(",")
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in settings}
+    order = (settings + settings[::-1]) * args.rounds
+    for name in order[: len(settings) * args.rounds]:
         r = await run_load(backends[name], args, reqs)
         runs[name].append(r)
         print(f"{name:>3}: " + " ".join(f"{k}={v:.3f}" for k, v in r.items()), flush=True)
     med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items() if rs}
     print("medians:", json.dumps(med, indent=1))
+    if not args.turns:
+        save(Path(args.out), {"runs": runs, "medians": med})
+        return
     chats = {}
     for name in ("on", "off"):
         print(f"chat, cache {name}:", flush=True)
@@ -146,6 +150,7 @@ def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--rounds", type=int, default=2, help="runs per setting, interleaved")
+    p.add_argument("--settings", default="on,off", help="cache settings to run: on,off | on | off")
     p.add_argument("--rate", type=float, default=0.5)
     p.add_argument("--poisson-prompts", type=int, default=24)
     p.add_argument("--prompts", type=int, default=32, help="closed loop prompts")

@@ -115,23 +115,30 @@ class StepPlan:
     ) -> torch.Tensor:
         if news.prefix_cells is not None:
             assert news.prefix_src is not None
-            cached = self.slab.pool[layer][:, :, news.prefix_src]  # [2, kv_heads, cells, dim]
+            cached = self.slab.pool[layer].index_select(2, news.prefix_src)  # [2, kv_heads, cells, dim]
             dim = kb.shape[-1]
             kb.view(-1, dim).index_copy_(0, news.prefix_cells, cached[0].reshape(-1, dim))
             vb.view(-1, dim).index_copy_(0, news.prefix_cells, cached[1].reshape(-1, dim))
-        heads, dim = query.shape[1], query.shape[3]
-        q = query.new_zeros(news.m, news.width_q, heads, dim)
-        q.index_put_((news.slot_b, news.slot_t), query[0, :, self.n :].transpose(0, 1))
+        single = news.m == 1  # its tokens are the padded grid already: no scatter, no gather
+        if single:
+            q = query[:, :, self.n :]  # [1, heads, width_q, dim]
+        else:
+            heads, dim = query.shape[1], query.shape[3]
+            grid = query.new_zeros(news.m, news.width_q, heads, dim)
+            grid.index_put_((news.slot_b, news.slot_t), query[0, :, self.n :].transpose(0, 1))
+            q = grid.transpose(1, 2)
         rows = slice(news.row0, news.row0 + news.m)
         cols = slice(self.col + 1 - news.width_k, self.col + 1)
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
+            q,
             kb[rows, :, cols],
             vb[rows, :, cols],
             attn_mask=news.mask,
             scale=scaling,
             enable_gqa=query.shape[1] != kb.shape[1],
         )  # [m, heads, width_q, dim]
+        if single:
+            return out.transpose(1, 2)
         return out.transpose(1, 2)[news.slot_b, news.slot_t].unsqueeze(0)
 
 

@@ -196,8 +196,9 @@ class HFBackend:
             self._graphs = DecodeGraphs(self.model, self._slab, self._pad)
 
     def prepare(self, requests: Sequence[PrepareRequest]) -> list[PreparedPrompt | InvalidRequest]:
-        """Host thread: tokenize (chat template for message lists) and check the context limit.
-        Thread-safe: a tokenizer per thread (``_tokenize``)."""
+        """Host thread: tokenize (chat template for message lists), check the context limit, and
+        hint how much of each prompt the prefix cache holds now (``PreparedPrompt.cached_tokens``).
+        Thread-safe: a tokenizer per thread (``_tokenize``), a locked peek at the cache."""
         return [self._prepare_one(r.prompt, r.params) for r in requests]
 
     def step(self, admit: Sequence[NewSequence], drop: Sequence[int]) -> StepResult:
@@ -345,7 +346,7 @@ class HFBackend:
                 requested=total,
                 field="max_tokens",
             )
-        return PreparedPrompt(ids)
+        return PreparedPrompt(ids, self._cache.peek(ids) if self._cache is not None else 0)
 
     # -- step -------------------------------------------------------------------------------
     def _step(self, admit: Sequence[NewSequence], drop: Sequence[int]) -> StepResult:

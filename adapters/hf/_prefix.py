@@ -12,11 +12,16 @@ that only full blocks are reused (at most ``block - 1`` tokens of a prompt are r
 This module is the host-side index only (pure Python, no torch): which pool block holds which
 tokens, and LRU eviction. The keys/values themselves live in ``KVSlab.pool`` (``_cache``). A block
 is always touched after its descendants, so the least recently used block is a leaf.
+
+The device thread looks up, inserts and evicts; the host thread only peeks (``prepare``'s hint
+to the scheduler). A lock makes each of these one consistent operation; it is uncontended but for
+a peek that lands during a step's lookup or insert.
 """
 
 from __future__ import annotations
 
 import itertools
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,6 +61,7 @@ class PrefixCache:
         self._lru: OrderedDict[int, _Block] = OrderedDict()  # by uid, least recent first
         self._free = list(range(capacity - 1, -1, -1))
         self._uids = itertools.count(1)
+        self._lock = threading.Lock()
         self.stats = PrefixStats()
 
     @property
@@ -77,19 +83,30 @@ class PrefixCache:
         for blk in reversed(chain):  # parents end up more recent than their children
             self._lru.move_to_end(blk.uid)
 
+    def peek(self, ids: Sequence[int]) -> int:
+        """Tokens :meth:`match` would reuse for prompt ``ids`` now; no LRU touch, not counted.
+        Safe from any thread (the scheduler's hint: a step may evict them before the prompt runs)."""
+        with self._lock:
+            return len(self._chain(ids, len(ids) - 1)) * self.block
+
     def match(self, ids: Sequence[int]) -> list[int]:
         """The pool slots of the longest cached prefix of prompt ``ids`` (block-aligned, always
         leaving its last token to compute, for its logits); counted in ``stats``."""
-        chain = self._chain(ids, len(ids) - 1)
-        self._touch(chain)
-        self.stats.lookup_tokens += len(ids)
-        self.stats.hit_tokens += len(chain) * self.block
-        return [blk.slot for blk in chain]
+        with self._lock:
+            chain = self._chain(ids, len(ids) - 1)
+            self._touch(chain)
+            self.stats.lookup_tokens += len(ids)
+            self.stats.hit_tokens += len(chain) * self.block
+            return [blk.slot for blk in chain]
 
     def insert(self, ids: Sequence[int]) -> list[tuple[int, int]]:
         """Index every full block of ``ids`` (tokens whose keys/values exist); return the
         ``(first position, pool slot)`` of each new block, for the caller to fill. Evicts least
         recently used blocks when the pool is full; stops early rather than evict its own chain."""
+        with self._lock:
+            return self._insert(ids)
+
+    def _insert(self, ids: Sequence[int]) -> list[tuple[int, int]]:
         b = self.block
         chain = self._chain(ids, len(ids))
         new: list[tuple[int, int]] = []
@@ -120,9 +137,10 @@ class PrefixCache:
 
     def clear(self) -> None:
         """Forget every block (the pool was freed); the stats stay."""
-        self._index.clear()
-        self._lru.clear()
-        self._free = list(range(self.capacity - 1, -1, -1))
+        with self._lock:
+            self._index.clear()
+            self._lru.clear()
+            self._free = list(range(self.capacity - 1, -1, -1))
 
 
 def chat_prefix(tokenizer: Any) -> list[int]:

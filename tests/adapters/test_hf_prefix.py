@@ -13,7 +13,7 @@ import pytest
 from batcher.adapters.hf._backend import HFBackend
 from batcher.adapters.hf._prefix import PrefixCache
 
-from batcher.backend import NewSequence
+from batcher.backend import NewSequence, PreparedPrompt, PrepareRequest
 
 from .conftest import greedy, run_schedule, solo_greedy
 
@@ -44,6 +44,45 @@ def test_index_evicts_least_recently_used_leaves_within_its_capacity() -> None:
     assert len(cache.match([1, 2, 3, 4, 0])) == 2
     long = cache.insert(list(range(100, 120)))  # longer than the pool: stops, keeps its own chain
     assert 1 <= len(long) <= 3 and cache.cached_tokens <= 6
+
+
+def test_peek_says_what_match_would_reuse_without_touching_order_or_stats() -> None:
+    cache = PrefixCache(capacity=3, block=2)
+    cache.insert([1, 2, 3, 4])
+    cache.insert([5, 6])  # now more recent than [1, 2, 3, 4]
+    stats = (cache.stats.lookup_tokens, cache.stats.hit_tokens)
+    assert cache.peek([1, 2, 3, 4, 9]) == 4 and cache.peek([1, 2, 3, 4]) == 2 and cache.peek([7, 8, 9]) == 0
+    assert (cache.stats.lookup_tokens, cache.stats.hit_tokens) == stats
+    cache.insert([7, 8])  # the peeks did not refresh [1, 2, 3, 4]: its leaf is the victim
+    assert cache.peek([1, 2, 3, 4, 9]) == 2 and cache.peek([5, 6, 0]) == 2
+
+
+def test_peek_from_another_thread_while_the_cache_churns() -> None:
+    import threading
+
+    cache = PrefixCache(capacity=16, block=4)
+    prompts = [[p % 5, *range(p % 3, p % 3 + 40)] for p in range(60)]
+    stop = threading.Event()
+    seen: list[int] = []
+
+    def churn() -> None:  # the device thread: lookups, inserts, evictions
+        while not stop.is_set():
+            for p in prompts:
+                cache.match(p)
+                cache.insert(p)
+
+    device = threading.Thread(target=churn)
+    device.start()
+    try:
+        for _ in range(200):
+            seen += [cache.peek(p) for p in prompts]
+    finally:
+        stop.set()
+        device.join()
+    assert all(n % 4 == 0 and 0 <= n <= 40 for n in seen) and any(seen)
+    assert cache.stats.evictions > 0
+    for p in prompts:  # quiet again: a peek equals what a lookup then reuses
+        assert cache.peek(p) == 4 * len(cache.match(p))
 
 
 # -- the tiny random Llama ------------------------------------------------------------------------
@@ -93,6 +132,24 @@ def test_turn_k_plus_1_reuses_turn_k_and_its_answer(tiny_small_cache: HFBackend)
             assert be.prefix_stats.hit_tokens - hits >= (len(history) - 1) // 8 * 8 - 16
             assert steps[0].computed_tokens <= len(history) - (len(history) - 1) // 8 * 8 + 16
         history = history + results[seq.seq_id].tokens + _prompt(rng, 3)
+
+
+def test_prepare_hints_the_prefix_the_next_step_reuses(tiny_dir: Path) -> None:
+    be = HFBackend(str(tiny_dir), dtype="float32", model_name="tiny", prefix_cache=256)
+    be.start()
+    try:
+        system = "You answer in French, briefly, and politely. " * 4
+        (first,) = be.prepare([PrepareRequest(system + "Hello?", greedy(2))])
+        assert isinstance(first, PreparedPrompt) and first.cached_tokens == 0
+        run_schedule(be, {0: [NewSequence(1, first.token_ids, greedy(2))]})
+        stats = (be.prefix_stats.lookup_tokens, be.prefix_stats.hit_tokens)
+        (second,) = be.prepare([PrepareRequest(system + "Why?", greedy(2))])
+        assert isinstance(second, PreparedPrompt) and second.cached_tokens >= 24
+        assert (be.prefix_stats.lookup_tokens, be.prefix_stats.hit_tokens) == stats  # a peek
+        _, steps = run_schedule(be, {0: [NewSequence(2, second.token_ids, greedy(2))]})
+        assert steps[0].cached_tokens == second.cached_tokens
+    finally:
+        be.close()
 
 
 def test_the_pool_is_inside_the_kv_budget_and_can_be_turned_off(tiny_dir: Path) -> None:

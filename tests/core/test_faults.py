@@ -78,3 +78,45 @@ async def test_out_of_memory_with_one_sequence_fails_only_it() -> None:
             await b.generate("too big", max_tokens=4)
         fb.oom_above = None
         assert (await b.generate("fine now", max_tokens=4)).finish_reason == "length"
+
+
+async def test_after_out_of_memory_the_batch_grows_back_to_the_real_limit() -> None:
+    """Halving from 32 undershoots a limit of 10 (32 -> 16 -> 8); clean steps grow the cap back
+    an eighth at a time, never to a size that failed, so it settles at the limit itself."""
+    fb = FakeBackend(step_time_s=0.0005)
+    fb.oom_above = 10
+    prompts = [f"request {i}" for i in range(100)]
+    async with Batcher(fb, BatchConfig(max_batch_size=32, batch_window_s=0.05)) as b:
+        results = await run_all(b, fb, prompts, max_tokens=60)
+        splits = b.engine_stats()[0].stats.step_splits
+    assert not [r for r in results if isinstance(r, BaseException)]
+    failed = [n for n in fb.batch_sizes if n > 10]
+    assert 2 <= len(failed) <= 5, f"a few probes above the limit, not a storm: {failed}"
+    last_failure = max(i for i, n in enumerate(fb.batch_sizes) if n > 10)
+    assert 10 in fb.batch_sizes[last_failure:], "the cap settles at the real limit, not below it"
+    assert splits == len(failed)
+
+
+class ShortOnce(FakeBackend):
+    """Out of memory above ``oom_above`` once: then the memory comes back (another process let go)."""
+
+    def _raise_if_broken(self, batch: int) -> None:
+        try:
+            super()._raise_if_broken(batch)
+        except MemoryError:
+            self.oom_above = None
+            raise
+
+
+async def test_after_a_transient_out_of_memory_the_batch_grows_back() -> None:
+    fb = ShortOnce(step_time_s=0.0005)
+    fb.oom_above = 10
+    prompts = [f"request {i}" for i in range(64)]
+    async with Batcher(fb, BatchConfig(max_batch_size=32, batch_window_s=0.05)) as b:
+        results = await run_all(b, fb, prompts, max_tokens=150)
+        assert b.engine_stats()[0].stats.step_splits == 1
+    assert not [r for r in results if isinstance(r, BaseException)]
+    first = fb.batch_sizes.index(32)  # the step that ran out of memory
+    after = fb.batch_sizes[first + 1 :]
+    assert max(after[:5]) == 16, "halved first"
+    assert max(after) == 31, f"then grown back to just below the size that failed: {max(after)}"

@@ -18,6 +18,7 @@ class R:
     deadline: float | None = None
     cost: int = 10
     tenant: str = "default"
+    prefill: int = 10
 
 
 def names(rs: list[R]) -> list[str]:
@@ -35,6 +36,26 @@ def test_token_budget_stops_at_the_first_that_does_not_fit() -> None:
     admit, _, rest = plan(waiting, free_slots=10, free_tokens=100, now=0, aging_s=1)
     # "c" would fit, but skipping "big" for it could starve "big" forever.
     assert names(admit) == ["a"] and names(rest) == ["big", "c"]
+
+
+def test_prefill_budget_counts_only_uncached_tokens() -> None:
+    # Four 500-token prompts: cold, only the first fits a 600-token step; with 480 tokens of each
+    # cached (20 to compute), all four do.
+    cold = [R(str(i), cost=600, prefill=500) for i in range(4)]
+    warm = [R(str(i), cost=600, prefill=20) for i in range(4)]
+    admit, _, rest = plan(cold, free_slots=8, free_tokens=None, now=0, aging_s=1, prefill_tokens=600)
+    assert names(admit) == ["0"] and names(rest) == ["1", "2", "3"]
+    admit, _, rest = plan(warm, free_slots=8, free_tokens=None, now=0, aging_s=1, prefill_tokens=600)
+    assert names(admit) == ["0", "1", "2", "3"] and rest == []
+
+
+def test_prefill_budget_always_admits_a_steps_first_newcomer_and_never_skips() -> None:
+    waiting = [R("huge", prefill=5000), R("small", prefill=1)]
+    admit, _, _ = plan(waiting, free_slots=8, free_tokens=None, now=0, aging_s=1, prefill_tokens=100)
+    assert names(admit) == ["huge"]  # alone: else a prompt over the budget would never run
+    waiting = [R("a", prefill=60), R("b", prefill=60), R("c", prefill=1)]
+    admit, _, rest = plan(waiting, free_slots=8, free_tokens=None, now=0, aging_s=1, prefill_tokens=100)
+    assert names(admit) == ["a"] and names(rest) == ["b", "c"]  # "c" fits, but must not jump "b"
 
 
 def test_expired_requests_are_removed() -> None:
