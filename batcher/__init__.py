@@ -26,7 +26,8 @@ Layout (a module imports only modules below it; ``batcher`` never imports torch 
     _fake         FakeBackend, a deterministic timed backend for tests and benchmarks
     _backend      the backend protocol (start / prepare / step / close) and its value types
     _text         StopMatcher: stop strings that never leak into a stream
-    _config, _types, _errors   configuration, value types, the exception tree
+    _config, _types, _response_format, _errors   configuration, value types (ResponseFormat:
+                  a structured output as plain data), the exception tree
 """
 
 from ._batcher import Batcher

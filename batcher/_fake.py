@@ -267,6 +267,11 @@ class FakeBackend:
             raise MemoryError(f"injected out of memory: {batch} sequences > oom_above={self.oom_above}")
 
     def _prepare_one(self, prompt: Prompt, params: SamplingParams) -> PreparedPrompt | InvalidRequest:
+        if params.response_format is not None:
+            return InvalidRequest(
+                "FakeBackend cannot constrain its output: response_format needs the HF backend",
+                field="response_format",
+            )
         ids = self.tokenize(prompt)
         if self._reject_id in ids:
             return InvalidRequest("prompt contains the REJECT marker (FakeBackend)", field="prompt")

@@ -30,6 +30,7 @@ SAMPLING_FIELDS = frozenset(
         "repetition_penalty",
         "logit_bias",
         "logprobs",
+        "response_format",
     }
 )
 #: The keyword options of ``Batcher.stream`` and ``generate`` (:class:`~batcher.GenerationOptions`).

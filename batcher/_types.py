@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypedDict
 
 from ._errors import InvalidRequest
+from ._response_format import ResponseFormat
 
 __all__ = [
     "ChatMessage",
@@ -76,7 +77,8 @@ class GenerationOptions(TypedDict, total=False):
     ``frequency_penalty`` (in [-2, 2], over generated tokens), ``repetition_penalty`` (1 = off,
     over prompt and generated tokens) and ``logit_bias`` (token id -> bias in [-100, 100]).
     ``logprobs``: each token's log-probability and that many most likely alternatives (0 to 20;
-    unset = none), in :attr:`Chunk.logprobs`.
+    unset = none), in :attr:`Chunk.logprobs`. ``response_format``: a :class:`ResponseFormat` the
+    output must follow (JSON, an instance of a JSON schema, a tool call); unset = free text.
     Scheduling: ``deadline_s`` (seconds from now; the request fails with
     :class:`DeadlineExceeded` past it), ``priority`` (higher runs first among the tenant's own
     requests; waiting raises it) and ``tenant`` (who is asking: tenants share the batch by their
@@ -95,6 +97,7 @@ class GenerationOptions(TypedDict, total=False):
     repetition_penalty: float
     logit_bias: Mapping[int, float] | None
     logprobs: int | None
+    response_format: ResponseFormat | None
     deadline_s: float | None
     priority: int
     tenant: str
@@ -108,6 +111,8 @@ class SamplingParams:
     ``seed``, sampling draws from a generator of that request's own, so its tokens do not depend on
     which other requests share the batch. ``logprobs``: ``None`` computes none; ``k`` in [0, 20]
     reports each generated token's log-probability and the ``k`` most likely alternatives.
+    ``response_format``: ``None`` is free text; a :class:`ResponseFormat` constrains the output to
+    it (the backend masks the tokens that would leave it; ``docs/structured-output.md``).
     """
 
     max_tokens: int = 256
@@ -122,6 +127,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), sorted by token id
     logprobs: int | None = None
+    response_format: ResponseFormat | None = None
 
     def __post_init__(self) -> None:
         _check_int("max_tokens", self.max_tokens, low=1, high=_ABSURD_MAX_TOKENS)
@@ -141,6 +147,12 @@ class SamplingParams:
         _check_logit_bias(self.logit_bias)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS)
+        if self.response_format is not None and not isinstance(self.response_format, ResponseFormat):
+            raise InvalidRequest(
+                "response_format must be a batcher.ResponseFormat (ResponseFormat.json_object(), "
+                f"ResponseFormat.json_schema(schema)), got {type(self.response_format).__name__}",
+                field="response_format",
+            )
 
     @property
     def greedy(self) -> bool:

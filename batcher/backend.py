@@ -3,7 +3,9 @@
 :class:`GenerationBackend` is four verbs (``start``, ``prepare``, ``step``, ``close``; its docstring
 says which thread calls each, and when); a :data:`BatchFunction` is any callable
 ``list[In] -> list[Out]``. :class:`StopMatcher` holds back text that may become a stop
-string. Errors a backend returns or raises are the public ones in :mod:`batcher`.
+string. :class:`ResponseFormat` is what ``SamplingParams.response_format`` holds (callers of
+``Batcher.stream`` pass one as ``response_format=``). Errors a backend returns or raises are the
+public ones in :mod:`batcher`.
 """
 
 from ._backend import (
@@ -15,6 +17,7 @@ from ._backend import (
     SeqOutput,
     StepResult,
 )
+from ._response_format import ResponseFormat
 from ._text import StopMatcher
 from ._types import FinishReason, Logprobs, SamplingParams, TokenLogprob
 
@@ -26,6 +29,7 @@ __all__ = [
     "NewSequence",
     "PrepareRequest",
     "PreparedPrompt",
+    "ResponseFormat",
     "SamplingParams",
     "SeqOutput",
     "StepResult",

@@ -11,18 +11,27 @@ from __future__ import annotations
 
 import copy
 import os
+import threading
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from batcher import InvalidRequest, Prompt, PromptTooLong, TokenIds
-from batcher.backend import NewSequence, PreparedPrompt, PrepareRequest, SamplingParams, StepResult
+from batcher.backend import (
+    NewSequence,
+    PreparedPrompt,
+    PrepareRequest,
+    SamplingParams,
+    SeqOutput,
+    StepResult,
+)
 
 from ._attention import ATTENTION, StepPlan, plan_step
 from ._cache import KVSlab
 from ._cpu_linear import pack_linears
 from ._detok import TokenBytes
+from ._grammar import GrammarCompiler, Matcher, TokenMasks
 from ._graphs import DecodeGraphs
 from ._load import (
     check_cache_compatible,
@@ -137,6 +146,10 @@ class HFBackend:
         self._graphs: DecodeGraphs | None = None
         self._rows: list[Row] = []
         self._asking = 0  # live rows that asked for logprobs: none, and a step computes none
+        self._constrained = 0  # live rows with a response_format: none, and a step masks none
+        self._grammar: GrammarCompiler | None = None  # at the first response_format (``_grammars``)
+        self._grammar_lock = threading.Lock()
+        self._masks: TokenMasks | None = None  # after ``start``
         self._token_bytes = TokenBytes(self._decode_tokenizer)  # device thread only
         self._penalties: Penalties | None = None  # after ``start`` (it needs the vocabulary size)
         self._no_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
@@ -162,7 +175,9 @@ class HFBackend:
             ) from exc
         self.model = model.to(self.device).eval()
         self.packed_linears = pack_linears(self.model)  # CPU: oneDNN prepacked weights
-        self._penalties = Penalties(self.model.get_output_embeddings().weight.shape[0], self.device)
+        logits_width = self.model.get_output_embeddings().weight.shape[0]
+        self._penalties = Penalties(logits_width, self.device)
+        self._masks = TokenMasks(logits_width, self.device)
         text = self.model.config.get_text_config()
         self._slab = KVSlab(
             layers=text.num_hidden_layers,
@@ -301,6 +316,11 @@ class HFBackend:
             return exc
         if not ids:
             return InvalidRequest("the prompt tokenizes to nothing: send some text", field="prompt")
+        if params.response_format is not None:
+            try:  # compiled here, on the host thread: a schema that does not compile is a 400
+                self._grammars().check(params.response_format)
+            except InvalidRequest as exc:
+                return exc
         vocab = self._vocab
         if params.logit_bias and params.logit_bias[-1][0] >= vocab:  # sorted by token id
             return InvalidRequest(
@@ -344,7 +364,9 @@ class HFBackend:
         )
         plan = self._plan(admit)
         tok, special = self._decode_tokenizer, self._special
-        self._rows += [Row.new(a.seq_id, a.prompt_ids, a.params, tok, special) for a in admit]
+        self._rows += [
+            Row.new(a.seq_id, a.prompt_ids, a.params, tok, special, self._matcher(a)) for a in admit
+        ]
         penalties = self._penalties
         assert penalties is not None
         penalties.admit(n, [a.prompt_ids for a in admit], [a.params for a in admit])
@@ -360,21 +382,54 @@ class HFBackend:
         # the raw distribution, before penalties change ``logits`` in place (``_sampling``)
         asked = top_logprobs(logits, [r.params.logprobs for r in self._rows]) if self._asking else None
         logits = penalties.apply(logits, [r.params for r in self._rows])
+        if self._constrained:  # structured output: ban the tokens that would leave each grammar
+            assert self._masks is not None
+            logits = self._masks.apply(logits, [r.matcher for r in self._rows])
         tokens = sample(logits, [r.sampler for r in self._rows], self._generator)
         penalties.record(tokens)
         outputs = [
             row.advance(t, self._eos, self.max_context) for row, t in zip(self._rows, tokens, strict=True)
         ]
+        if self._constrained:
+            self._blame_stuck(outputs, failed)
         if asked is not None:
             for i, entry in zip(asked.rows, asked.entries(tokens, self._token_bytes), strict=True):
                 outputs[i].logprobs = (entry,)
         if self._cache is not None:
             for o in outputs:
                 self._tokens[o.seq_id] += o.token_ids
-        finished = {o.seq_id for o in outputs if o.finish_reason is not None}
+        finished = {o.seq_id for o in outputs if o.finish_reason is not None} | failed.keys()
         if finished:
             self._remove(finished)
         return StepResult(outputs, failed, computed_tokens=plan.tokens, cached_tokens=plan.cached)
+
+    def _grammars(self) -> GrammarCompiler:
+        """The grammar compiler, built at the first request with a ``response_format`` (its view
+        of the tokenizer takes ~0.4 s); any thread."""
+        with self._grammar_lock:
+            if self._grammar is None:
+                vocab = self.config.get_text_config().vocab_size  # the logits' width
+                self._grammar = GrammarCompiler(self.tokenizer, vocab=vocab, eos=sorted(self._eos))
+            return self._grammar
+
+    def _matcher(self, new: NewSequence) -> Matcher | None:
+        """A newcomer's grammar state (``None``: free text); a resumed sequence's is advanced past
+        the tokens it already generated (the last ``resumed`` of its prompt)."""
+        fmt = new.params.response_format
+        if fmt is None:
+            return None
+        self._constrained += 1
+        matcher = self._grammars().matcher(fmt)
+        for token in new.prompt_ids[len(new.prompt_ids) - new.resumed :] if new.resumed else ():
+            matcher.advance(token)
+        return matcher
+
+    def _blame_stuck(self, outputs: Sequence[SeqOutput], failed: dict[int, BaseException]) -> None:
+        """A constrained row whose grammar cannot go on (a parser limit: the mask kept it from
+        leaving the grammar) fails alone, with the tokens it produced so far."""
+        for row, out in zip(self._rows, outputs, strict=True):
+            if row.matcher is not None and out.finish_reason is None and row.matcher.error:
+                failed[row.seq_id] = RuntimeError(f"structured output cannot go on: {row.matcher.error}")
 
     def _plan(self, admit: Sequence[NewSequence]) -> StepPlan:
         """Lay out the step's packed call: the decode rows' tokens, then each newcomer's prompt
@@ -466,6 +521,7 @@ class HFBackend:
             for i in idx:
                 del self._tokens[self._rows[i].seq_id]
         self._asking -= sum(self._rows[i].params.logprobs is not None for i in idx)
+        self._constrained -= sum(self._rows[i].matcher is not None for i in idx)
         moves = self._slab.remove(idx)
         for src, dst in moves:
             self._rows[dst] = self._rows[src]
@@ -477,6 +533,7 @@ class HFBackend:
     def _reset(self) -> None:
         self._rows.clear()
         self._asking = 0
+        self._constrained = 0
         if self._penalties is not None:
             self._penalties.moved((), 0, any_penalised=False)
         self._tokens.clear()

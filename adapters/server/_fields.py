@@ -10,7 +10,7 @@ the common vLLM extensions) has one entry here:
   ``neutral`` ones (``null`` always, ``n: 1``, ``frequency_penalty: 0``...) gets a 400 naming it.
 
 A field outside the table is refused too (OpenAI answers "Unrecognized request argument"). Work
-that implements a field (JSON mode is planned) flips its entry to
+that implements a field flips its entry to
 ``supported`` and adds it to the request model. ``docs/server.md`` renders this table.
 """
 
@@ -75,6 +75,11 @@ FIELDS: dict[str, FieldRule] = {
     "min_p": _supported("extension: in [0, 1]; drop tokens below min_p x the top probability"),
     "stream": _supported("server-sent events, then data: [DONE]"),
     "stream_options": _supported("include_usage; include_obfuscation is ignored"),
+    "response_format": _supported(
+        "text, json_object, json_schema (strict or not: the output always follows the schema)", _CHAT
+    ),
+    "tools": _supported("function tools; a call is forced by tool_choice", _CHAT),
+    "tool_choice": _supported('"required", a named function, or "none"; "auto" gets a 400', _CHAT),
     "logprobs": _supported(
         "completions: 0 to 5 alternatives (legacy shape); chat: true, with top_logprobs; from the "
         "model's raw distribution, before penalties and temperature"
@@ -86,7 +91,7 @@ FIELDS: dict[str, FieldRule] = {
     "metadata": _ignored("stored-completion tags; nothing is stored"),
     "store": _ignored("nothing is stored"),
     "service_tier": _ignored("one tier here"),
-    "parallel_tool_calls": _ignored("only meaningful with tools, which are refused", _CHAT),
+    "parallel_tool_calls": _ignored("one call per answer: a forced call is one call", _CHAT),
     "prompt_cache_key": _ignored("a caching hint", _CHAT),
     "prompt_cache_retention": _ignored("a caching hint", _CHAT),
     "prompt_cache_options": _ignored("a caching hint", _CHAT),
@@ -96,9 +101,6 @@ FIELDS: dict[str, FieldRule] = {
     "best_of": _refused("one candidate per prompt", 1, endpoints=_COMPLETIONS),
     "echo": _refused("the prompt is not echoed", False, endpoints=_COMPLETIONS),
     "suffix": _refused("no insertion (fill-in-the-middle) mode", "", endpoints=_COMPLETIONS),
-    "response_format": _refused("only plain text; JSON mode is planned", {"type": "text"}, endpoints=_CHAT),
-    "tools": _refused("no tool calling", [], endpoints=_CHAT),
-    "tool_choice": _refused("no tool calling", "none", endpoints=_CHAT),
     "functions": _refused("no function calling", [], endpoints=_CHAT),
     "function_call": _refused("no function calling", "none", endpoints=_CHAT),
     "audio": _refused("text output only", endpoints=_CHAT),

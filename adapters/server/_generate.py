@@ -78,7 +78,8 @@ async def generate(
     # fair queuing: the API key's tenant, else the OpenAI `user` field, else the shared tenant
     options["tenant"] = ctx.tenant if ctx.tenant != DEFAULT_TENANT else (body.user or DEFAULT_TENANT)[:256]
     ctx.admitted = True  # from here the batcher counts refusals
-    shape = ResponseShape(chat=chat, model=state.model_name, logprobs="logprobs" in options)
+    tools = isinstance(body, ChatRequest) and body.calls_tool
+    shape = ResponseShape(chat=chat, model=state.model_name, logprobs="logprobs" in options, tools=tools)
     resources = AsyncExitStack()
     try:
         streams = await _admit(resources, batcher, prompts, options, n)
@@ -206,6 +207,7 @@ async def _events(
     """The SSE body: chunks, then (if asked) a usage chunk, then ``[DONE]``; errors as an event."""
     usages: list[Usage | None] = [None] * len(streams)
     offsets = [0] * len(streams)  # characters of token text sent per choice (legacy text_offset)
+    calls = [""] * len(streams)  # a tool call's text so far (sent whole, once complete)
     try:
         if shape.chat:
             for i in range(len(streams)):
@@ -213,7 +215,12 @@ async def _events(
         async for i, chunk in _merged(streams):
             if chunk.usage is not None:
                 usages[i] = chunk.usage
-            if chunk.text or chunk.finish_reason is not None or chunk.logprobs:
+            if shape.tools:
+                calls[i] += chunk.text
+                if chunk.finish_reason is not None:
+                    for body in shape.tool_chunks(calls[i], chunk.finish_reason, index=i):
+                        yield sse_event(body)
+            elif chunk.text or chunk.finish_reason is not None or chunk.logprobs:
                 text = chunk.text or None
                 yield sse_event(
                     shape.chunk(

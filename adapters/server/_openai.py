@@ -16,9 +16,10 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from batcher import InvalidRequest, Prompt, TokenIds
-from batcher.backend import Logprobs, TokenLogprob
+from batcher.backend import Logprobs, ResponseFormat, TokenLogprob
 
 from ._fields import Endpoint, check_fields
+from ._structured import requested_format, tool_calls
 
 __all__ = [
     "SSE_DONE",
@@ -103,6 +104,7 @@ class _Common(BaseModel):
             "repetition_penalty": self.repetition_penalty,
             "logit_bias": self.logit_bias or None,
             "logprobs": self.logprobs_k(),
+            "response_format": self.structured(),
         }
         return {k: v for k, v in opts.items() if v is not None}
 
@@ -119,6 +121,10 @@ class _Common(BaseModel):
 
     def logprobs_k(self) -> int | None:
         """How many alternatives per token the request wants (None: no logprobs)."""
+        return None
+
+    def structured(self) -> ResponseFormat | None:
+        """The format the output must follow (None: free text)."""
         return None
 
     @property
@@ -189,6 +195,18 @@ class ChatRequest(_Common):
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+
+    def structured(self) -> ResponseFormat | None:
+        body = {"response_format": self.response_format, "tools": self.tools, "tool_choice": self.tool_choice}
+        return requested_format(body)
+
+    @property
+    def calls_tool(self) -> bool:
+        """Whether the answer is a forced tool call (``message.tool_calls``)."""
+        return bool(self.tools) and self.tool_choice not in (None, "none")
 
     def logprobs_k(self) -> int | None:
         if self.top_logprobs is not None:
@@ -264,12 +282,16 @@ def usage_body(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 class ResponseShape:
     """Builds the bodies of one response (one id, one ``created``) for either endpoint.
-    ``logprobs``: whether the request asked for them (else every choice's ``logprobs`` is null)."""
+    ``logprobs``: whether the request asked for them (else every choice's ``logprobs`` is null).
+    ``tools``: the answer is a forced tool call: a finished choice's text becomes
+    ``message.tool_calls`` with ``finish_reason: "tool_calls"`` (one that ran out of tokens keeps
+    its incomplete text as ``content``, with ``"length"``)."""
 
-    def __init__(self, *, chat: bool, model: str, logprobs: bool = False) -> None:
+    def __init__(self, *, chat: bool, model: str, logprobs: bool = False, tools: bool = False) -> None:
         self.chat = chat
         self.model = model
         self.logprobs = logprobs
+        self.tools = tools
         self.id = new_id("chatcmpl" if chat else "cmpl")
         self.created = int(time.time())
 
@@ -284,11 +306,27 @@ class ResponseShape:
         }
 
     def _choice(self, index: int, c: Choice) -> dict[str, Any]:
-        if self.chat:
-            choice: dict[str, Any] = {"index": index, "message": {"role": "assistant", "content": c.text}}
+        reason = c.finish_reason
+        if self.tools and reason == "stop":
+            message = {"role": "assistant", "content": None, "tool_calls": tool_calls(c.text)}
+            choice: dict[str, Any] = {"index": index, "message": message}
+            reason = "tool_calls"
+        elif self.chat:
+            choice = {"index": index, "message": {"role": "assistant", "content": c.text}}
         else:
             choice = {"index": index, "text": c.text}
-        return choice | {"finish_reason": c.finish_reason, "logprobs": self._logprobs(c.logprobs, 0)}
+        return choice | {"finish_reason": reason, "logprobs": self._logprobs(c.logprobs, 0)}
+
+    def tool_chunks(self, text: str, finish_reason: str, *, index: int = 0) -> list[dict[str, Any]]:
+        """A streamed tool call's chunks, once its text is complete: one delta holding the whole
+        call (id, name, arguments: OpenAI's clients accumulate deltas, so one is valid), then the
+        ``"tool_calls"`` finish. Text cut by ``max_tokens`` is sent as content, with ``"length"``."""
+        if finish_reason != "stop":
+            return [self.chunk(text or None, finish_reason, index=index)]
+        calls = [{"index": k} | call for k, call in enumerate(tool_calls(text))]
+        head = self._head("chat.completion.chunk")
+        delta = {"index": index, "delta": {"tool_calls": calls}, "finish_reason": None, "logprobs": None}
+        return [head | {"choices": [delta]}, self.chunk(None, "tool_calls", index=index)]
 
     def chunk(
         self,

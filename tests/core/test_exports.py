@@ -43,6 +43,7 @@ PUBLIC: dict[ModuleType, list[str]] = {
         "NewSequence",
         "PrepareRequest",
         "PreparedPrompt",
+        "ResponseFormat",
         "SamplingParams",
         "SeqOutput",
         "StepResult",
