@@ -15,12 +15,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from batcher.backend import SamplingParams
@@ -126,6 +127,22 @@ def server_factory(tmp_path: Path) -> Iterator[object]:
     for s in started:
         if s.proc.poll() is None:
             s.stop()
+
+
+@pytest.fixture(scope="session")
+def real_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One server on the real SmolLM2 (float32) shared by the real-model test modules, so the model
+    loads once; tests that read counters compare before and after."""
+    pytest.importorskip("torch")
+    s = start_server(tmp_path_factory.mktemp("real"), "--dtype", "float32", ready_timeout=240)
+    yield s
+    assert s.stop() == 0, s.output()[-3000:]
+
+
+@pytest.fixture
+async def real_client(real_server: Server) -> AsyncIterator[openai.AsyncOpenAI]:
+    async with openai.AsyncOpenAI(base_url=real_server.api, api_key="x", max_retries=0, timeout=300) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")

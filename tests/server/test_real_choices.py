@@ -1,38 +1,25 @@
-"""logprobs, token-id prompts and ``n`` on the real SmolLM2 (float32) through the openai client."""
+"""logprobs, token-id prompts and ``n`` on the real SmolLM2 (float32) through the openai real_client."""
 
 from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import openai
 import pytest
 
-from .conftest import Server, metric, start_server
+from .conftest import Server, metric
 
 pytestmark = pytest.mark.model
 MODEL = "SmolLM2-135M-Instruct"
 STORY = [{"role": "user", "content": "Write a short poem about the sea and a ship."}]
 
 
-@pytest.fixture(scope="module")
-def real_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    pytest.importorskip("torch")
-    s = start_server(tmp_path_factory.mktemp("real-api"), "--dtype", "float32", ready_timeout=240)
-    yield s
-    assert s.stop() == 0, s.output()[-3000:]
-
-
-@pytest.fixture
-async def client(real_server: Server) -> AsyncIterator[openai.AsyncOpenAI]:
-    async with openai.AsyncOpenAI(base_url=real_server.api, api_key="x", max_retries=0, timeout=120) as c:
-        yield c
-
-
-async def test_greedy_chat_logprobs_choose_the_top_token_and_sum_sensibly(client: openai.AsyncOpenAI) -> None:
-    r = await client.chat.completions.create(
+async def test_greedy_chat_logprobs_choose_the_top_token_and_sum_sensibly(
+    real_client: openai.AsyncOpenAI,
+) -> None:
+    r = await real_client.chat.completions.create(
         model=MODEL,
         messages=STORY,
         max_tokens=12,
@@ -49,7 +36,7 @@ async def test_greedy_chat_logprobs_choose_the_top_token_and_sum_sensibly(client
         assert len(tops) == 5 and tops[0].token == t.token and tops[0].logprob == t.logprob
         assert [a.logprob for a in tops] == sorted((a.logprob for a in tops), reverse=True)
     assert b"".join(bytes(t.bytes or []) for t in content).decode() == r.choices[0].message.content
-    stream = await client.chat.completions.create(
+    stream = await real_client.chat.completions.create(
         model=MODEL,
         messages=STORY,
         max_tokens=12,
@@ -68,8 +55,10 @@ async def test_greedy_chat_logprobs_choose_the_top_token_and_sum_sensibly(client
     assert [t.logprob for t in streamed] == pytest.approx([t.logprob for t in content], abs=1e-4)
 
 
-async def test_completion_logprobs_sampled_tokens_are_not_always_the_top(client: openai.AsyncOpenAI) -> None:
-    r = await client.completions.create(
+async def test_completion_logprobs_sampled_tokens_are_not_always_the_top(
+    real_client: openai.AsyncOpenAI,
+) -> None:
+    r = await real_client.completions.create(
         model=MODEL, prompt="Once upon a time", max_tokens=16, temperature=1.5, seed=5, logprobs=3
     )
     lp = r.choices[0].logprobs
@@ -81,33 +70,33 @@ async def test_completion_logprobs_sampled_tokens_are_not_always_the_top(client:
         assert max(top.values()) >= chosen
 
 
-async def test_token_id_prompts_generate_as_their_text_does(client: openai.AsyncOpenAI) -> None:
+async def test_token_id_prompts_generate_as_their_text_does(real_client: openai.AsyncOpenAI) -> None:
     from batcher.adapters.hf._load import embedded_model_dir
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(embedded_model_dir()))
     texts = ["The capital of France is", "Water boils at"]
     ids = [tok(t)["input_ids"] for t in texts]
-    by_text = await client.completions.create(model=MODEL, prompt=texts, max_tokens=8, temperature=0)
-    by_ids = await client.completions.create(model=MODEL, prompt=ids, max_tokens=8, temperature=0)
+    by_text = await real_client.completions.create(model=MODEL, prompt=texts, max_tokens=8, temperature=0)
+    by_ids = await real_client.completions.create(model=MODEL, prompt=ids, max_tokens=8, temperature=0)
     assert [c.text for c in by_ids.choices] == [c.text for c in by_text.choices]
     assert by_ids.usage == by_text.usage
     with pytest.raises(openai.BadRequestError, match="vocabulary"):
-        await client.completions.create(model=MODEL, prompt=[1, len(tok) + 5], max_tokens=2)
+        await real_client.completions.create(model=MODEL, prompt=[1, len(tok) + 5], max_tokens=2)
 
 
 @pytest.mark.parametrize("stream", [False, True])
 async def test_n_2_differs_when_sampling_and_not_at_temperature_0(
-    client: openai.AsyncOpenAI, stream: bool
+    real_client: openai.AsyncOpenAI, stream: bool
 ) -> None:
     async def chat(temperature: float) -> list[str]:
         kw = dict(model=MODEL, messages=STORY, max_tokens=16, temperature=temperature, seed=1234, n=2)
         if not stream:
-            r = await client.chat.completions.create(**kw)  # type: ignore[call-overload]
+            r = await real_client.chat.completions.create(**kw)  # type: ignore[call-overload]
             assert [c.index for c in r.choices] == [0, 1]
             return [c.message.content or "" for c in r.choices]
         texts = ["", ""]
-        async for c in await client.chat.completions.create(stream=True, **kw):  # type: ignore[call-overload]
+        async for c in await real_client.chat.completions.create(stream=True, **kw):  # type: ignore[call-overload]
             for ch in c.choices:
                 texts[ch.index] += ch.delta.content or ""
         return texts
@@ -117,26 +106,26 @@ async def test_n_2_differs_when_sampling_and_not_at_temperature_0(
     assert await chat(0.8) == hot  # each choice's derived seed reproduces it
     cold = await chat(0.0)
     assert cold[0] == cold[1]
-    r = await client.completions.create(
+    r = await real_client.completions.create(
         model=MODEL, prompt="Once upon a time", max_tokens=8, n=2, temperature=0
     )
     assert r.choices[0].text == r.choices[1].text
 
 
 async def test_n_copies_are_served_from_the_prefix_cache(
-    client: openai.AsyncOpenAI, real_server: Server
+    real_client: openai.AsyncOpenAI, real_server: Server
 ) -> None:
     """The server admits the copies after the first one's first token: its prompt is cached then."""
     prompt = "A long unrepeated preamble about lighthouses, their keepers and storms. " * 6 + "Go on:"
     async with httpx.AsyncClient(base_url=real_server.url) as http:
         before = metric((await http.get("/metrics")).text, "batcher_cached_tokens_total")
-        r = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, n=4, temperature=0)
+        r = await real_client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, n=4, temperature=0)
         after = metric((await http.get("/metrics")).text, "batcher_cached_tokens_total")
         # the control: four identical new prompts sent at once, as four requests
         other = prompt.replace("lighthouses", "windmills")
         await asyncio.gather(
             *(
-                client.completions.create(model=MODEL, prompt=other, max_tokens=2, temperature=0)
+                real_client.completions.create(model=MODEL, prompt=other, max_tokens=2, temperature=0)
                 for _ in range(4)
             )
         )

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import openai
 import pytest
 
-from .conftest import Server, start_server
+from .conftest import Server
 
 pytestmark = pytest.mark.model
 
@@ -34,20 +33,6 @@ TOPICS = [
 MAX_TOKENS = 10
 
 
-@pytest.fixture(scope="module")
-def real_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    pytest.importorskip("torch")
-    s = start_server(tmp_path_factory.mktemp("real"), "--dtype", "float32", ready_timeout=240)
-    yield s
-    assert s.stop() == 0, s.output()[-3000:]
-
-
-@pytest.fixture
-async def client(real_server: Server) -> AsyncIterator[openai.AsyncOpenAI]:
-    async with openai.AsyncOpenAI(base_url=real_server.api, api_key="x", max_retries=0, timeout=120) as c:
-        yield c
-
-
 def request(i: int) -> dict[str, object]:
     """Request i of 32: chat for odd i, completion for even i, all greedy and distinct."""
     topic = TOPICS[i % len(TOPICS)]
@@ -56,26 +41,26 @@ def request(i: int) -> dict[str, object]:
     return {"prompt": f"Here is a short story about {topic}, number {i}:"}
 
 
-async def run(client: openai.AsyncOpenAI, i: int, *, stream: bool) -> str:
+async def run(real_client: openai.AsyncOpenAI, i: int, *, stream: bool) -> str:
     body = request(i)
     kwargs = dict(model="SmolLM2-135M-Instruct", max_tokens=MAX_TOKENS, temperature=0, stream=stream)
     if "messages" in body:
-        r = await client.chat.completions.create(messages=body["messages"], **kwargs)  # type: ignore[arg-type]
+        r = await real_client.chat.completions.create(messages=body["messages"], **kwargs)  # type: ignore[arg-type]
         if not stream:
             return r.choices[0].message.content or ""
         return "".join([c.choices[0].delta.content or "" async for c in r if c.choices])
-    r = await client.completions.create(prompt=body["prompt"], **kwargs)  # type: ignore[arg-type]
+    r = await real_client.completions.create(prompt=body["prompt"], **kwargs)  # type: ignore[arg-type]
     if not stream:
         return r.choices[0].text
     return "".join([c.choices[0].text async for c in r])
 
 
 async def test_32_concurrent_streams_equal_their_solo_greedy_outputs(
-    client: openai.AsyncOpenAI, real_server: Server
+    real_client: openai.AsyncOpenAI, real_server: Server
 ) -> None:
-    solo = [await run(client, i, stream=False) for i in range(32)]  # one at a time
+    solo = [await run(real_client, i, stream=False) for i in range(32)]  # one at a time
     assert all(solo) and len(set(solo)) > 16
-    together = await asyncio.gather(*(run(client, i, stream=True) for i in range(32)))
+    together = await asyncio.gather(*(run(real_client, i, stream=True) for i in range(32)))
     for i, (alone, batched) in enumerate(zip(solo, together, strict=True)):
         assert batched == alone, f"request {i}: {batched!r} != solo {alone!r}"
     async with httpx.AsyncClient(base_url=real_server.url) as http:
@@ -90,8 +75,8 @@ async def test_prompt_over_the_context_window_is_400(real_server: Server) -> Non
     assert r.json()["error"]["code"] == "context_length_exceeded"
 
 
-async def test_usage_counts_real_tokens(client: openai.AsyncOpenAI) -> None:
-    r = await client.chat.completions.create(
+async def test_usage_counts_real_tokens(real_client: openai.AsyncOpenAI) -> None:
+    r = await real_client.chat.completions.create(
         model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "Say hi."}], max_tokens=5
     )
     assert r.usage.prompt_tokens > 5 and 1 <= r.usage.completion_tokens <= 5

@@ -1,21 +1,19 @@
-"""Structured output on the real SmolLM2 (float32) through the official openai client: JSON mode,
+"""Structured output on the real SmolLM2 (float32) through the official openai real_client: JSON mode,
 JSON schemas, forced tool calls (whole and streamed), and the 400s for what is not supported."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 
-from .conftest import Server, start_server
-
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 jsonschema = pytest.importorskip("jsonschema")
+pytest.importorskip("llguidance")
 MODEL = "SmolLM2-135M-Instruct"
 CASES = json.loads((Path(__file__).parents[1] / "structured_cases.json").read_text())
 SYSTEM: str = CASES["system"]
@@ -28,28 +26,13 @@ FUNCTIONS: list[Any] = [
 ]
 
 
-@pytest.fixture(scope="module")
-def real_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    pytest.importorskip("torch")
-    pytest.importorskip("llguidance")
-    s = start_server(tmp_path_factory.mktemp("real-structured"), "--dtype", "float32", ready_timeout=240)
-    yield s
-    assert s.stop() == 0, s.output()[-3000:]
-
-
-@pytest.fixture
-async def client(real_server: Server) -> AsyncIterator[openai.AsyncOpenAI]:
-    async with openai.AsyncOpenAI(base_url=real_server.api, api_key="x", max_retries=0, timeout=300) as c:
-        yield c
-
-
 def chat(user: str, system: str = SYSTEM) -> list[Any]:
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
-async def test_json_object_output_parses_for_20_prompts(client: openai.AsyncOpenAI) -> None:
+async def test_json_object_output_parses_for_20_prompts(real_client: openai.AsyncOpenAI) -> None:
     async def ask(prompt: str) -> tuple[str, str]:
-        r = await client.chat.completions.create(
+        r = await real_client.chat.completions.create(
             model=MODEL,
             messages=chat(prompt),
             max_tokens=80,
@@ -65,8 +48,8 @@ async def test_json_object_output_parses_for_20_prompts(client: openai.AsyncOpen
     assert len({text for text, _ in answers}) >= 15
 
 
-async def test_a_streamed_json_object_parses(client: openai.AsyncOpenAI) -> None:
-    stream = await client.chat.completions.create(
+async def test_a_streamed_json_object_parses(real_client: openai.AsyncOpenAI) -> None:
+    stream = await real_client.chat.completions.create(
         model=MODEL,
         messages=chat(OBJECT_PROMPTS[1]),
         max_tokens=80,
@@ -83,7 +66,7 @@ async def test_a_streamed_json_object_parses(client: openai.AsyncOpenAI) -> None
 
 
 @pytest.mark.parametrize("strict", [True, False])
-async def test_json_schema_output_validates(client: openai.AsyncOpenAI, strict: bool) -> None:
+async def test_json_schema_output_validates(real_client: openai.AsyncOpenAI, strict: bool) -> None:
     users = [
         "Invent a person who lives in Paris.",
         "A young footballer from London, please.",
@@ -92,7 +75,7 @@ async def test_json_schema_output_validates(client: openai.AsyncOpenAI, strict: 
     fmt: Any = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": strict}}
     rs = await asyncio.gather(
         *(
-            client.chat.completions.create(
+            real_client.chat.completions.create(
                 model=MODEL,
                 messages=chat(u),
                 max_tokens=120,
@@ -108,8 +91,8 @@ async def test_json_schema_output_validates(client: openai.AsyncOpenAI, strict: 
         jsonschema.validate(json.loads(r.choices[0].message.content or ""), PERSON)
 
 
-async def test_a_required_tool_call_comes_back_as_tool_calls(client: openai.AsyncOpenAI) -> None:
-    r = await client.chat.completions.create(
+async def test_a_required_tool_call_comes_back_as_tool_calls(real_client: openai.AsyncOpenAI) -> None:
+    r = await real_client.chat.completions.create(
         model=MODEL,
         messages=chat("What's the weather like in Berlin?", TOOL_SYSTEM),
         max_tokens=80,
@@ -125,8 +108,10 @@ async def test_a_required_tool_call_comes_back_as_tool_calls(client: openai.Asyn
     jsonschema.validate(json.loads(call.function.arguments), TOOLS[call.function.name])  # type: ignore[union-attr]
 
 
-async def test_a_named_tool_choice_forces_that_function_when_streamed(client: openai.AsyncOpenAI) -> None:
-    stream = await client.chat.completions.create(
+async def test_a_named_tool_choice_forces_that_function_when_streamed(
+    real_client: openai.AsyncOpenAI,
+) -> None:
+    stream = await real_client.chat.completions.create(
         model=MODEL,
         messages=chat("What's the weather like in Berlin?", TOOL_SYSTEM),
         max_tokens=80,
@@ -174,8 +159,10 @@ async def test_a_named_tool_choice_forces_that_function_when_streamed(client: op
     ],
 )
 async def test_what_cannot_be_honoured_is_a_400(
-    client: openai.AsyncOpenAI, extra: dict[str, Any], param: str
+    real_client: openai.AsyncOpenAI, extra: dict[str, Any], param: str
 ) -> None:
     with pytest.raises(openai.BadRequestError) as e:
-        await client.chat.completions.create(model=MODEL, messages=chat("Hi"), max_tokens=5, extra_body=extra)
+        await real_client.chat.completions.create(
+            model=MODEL, messages=chat("Hi"), max_tokens=5, extra_body=extra
+        )
     assert e.value.param == param

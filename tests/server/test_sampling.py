@@ -1,13 +1,9 @@
-"""Penalties, logit bias and min-p through the official ``openai`` client, on the real SmolLM2."""
+"""Penalties, logit bias and min-p through the official ``openai`` real_client, on the real SmolLM2."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-
 import openai
 import pytest
-
-from .conftest import Server, start_server
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
@@ -15,23 +11,9 @@ MODEL = "SmolLM2-135M-Instruct"
 REPETITIVE = "I like apples. I like apples. I like apples. I like apples."
 
 
-@pytest.fixture(scope="module")
-def real_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    pytest.importorskip("torch")
-    s = start_server(tmp_path_factory.mktemp("sampling"), "--dtype", "float32", ready_timeout=240)
-    yield s
-    assert s.stop() == 0, s.output()[-3000:]
-
-
-@pytest.fixture
-async def client(real_server: Server) -> AsyncIterator[openai.AsyncOpenAI]:
-    async with openai.AsyncOpenAI(base_url=real_server.api, api_key="x", max_retries=0, timeout=120) as c:
-        yield c
-
-
-async def complete(client: openai.AsyncOpenAI, prompt: str, **kw: object) -> str:
+async def complete(real_client: openai.AsyncOpenAI, prompt: str, **kw: object) -> str:
     kw = {"max_tokens": 16} | kw
-    r = await client.completions.create(model=MODEL, prompt=prompt, temperature=0, **kw)  # type: ignore[call-overload]
+    r = await real_client.completions.create(model=MODEL, prompt=prompt, temperature=0, **kw)  # type: ignore[call-overload]
     return str(r.choices[0].text)
 
 
@@ -40,27 +22,29 @@ def distinct_ratio(text: str) -> float:
     return len(set(words)) / max(1, len(words))
 
 
-async def test_penalties_change_a_repetitive_output(client: openai.AsyncOpenAI) -> None:
-    plain = await complete(client, REPETITIVE)
+async def test_penalties_change_a_repetitive_output(real_client: openai.AsyncOpenAI) -> None:
+    plain = await complete(real_client, REPETITIVE)
     assert distinct_ratio(plain) < 0.5, plain  # the model keeps repeating itself
     for kw in (
         {"frequency_penalty": 2.0},
         {"presence_penalty": 2.0},
         {"extra_body": {"repetition_penalty": 2.0}},
     ):
-        text = await complete(client, REPETITIVE, **kw)
+        text = await complete(real_client, REPETITIVE, **kw)
         assert text != plain and distinct_ratio(text) > distinct_ratio(plain), (kw, text)
 
 
-async def test_logit_bias_forces_a_token(client: openai.AsyncOpenAI) -> None:
+async def test_logit_bias_forces_a_token(real_client: openai.AsyncOpenAI) -> None:
     from batcher.adapters.hf._load import embedded_model_dir
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(embedded_model_dir()))
     [banana] = tok(" banana", add_special_tokens=False)["input_ids"]
-    text = await complete(client, "The capital of France is", max_tokens=4, logit_bias={str(banana): 100})
+    text = await complete(
+        real_client, "The capital of France is", max_tokens=4, logit_bias={str(banana): 100}
+    )
     assert text == " banana" * 4
-    chat = await client.chat.completions.create(
+    chat = await real_client.chat.completions.create(
         model=MODEL,
         messages=[{"role": "user", "content": "Say hello."}],
         max_tokens=3,
@@ -70,16 +54,16 @@ async def test_logit_bias_forces_a_token(client: openai.AsyncOpenAI) -> None:
     assert chat.choices[0].message.content == " banana" * 3
 
 
-async def test_min_p_one_is_greedy_at_any_temperature(client: openai.AsyncOpenAI) -> None:
+async def test_min_p_one_is_greedy_at_any_temperature(real_client: openai.AsyncOpenAI) -> None:
     prompt = "Once upon a time, in a small village,"
-    greedy = await complete(client, prompt)
-    r = await client.completions.create(
+    greedy = await complete(real_client, prompt)
+    r = await real_client.completions.create(
         model=MODEL, prompt=prompt, max_tokens=16, temperature=1.5, extra_body={"min_p": 1.0}
     )
     assert r.choices[0].text == greedy
 
 
-async def test_out_of_range_penalties_are_400_naming_the_field(client: openai.AsyncOpenAI) -> None:
+async def test_out_of_range_penalties_are_400_naming_the_field(real_client: openai.AsyncOpenAI) -> None:
     for name, value in (
         ("presence_penalty", 3),
         ("frequency_penalty", -2.5),
@@ -87,5 +71,5 @@ async def test_out_of_range_penalties_are_400_naming_the_field(client: openai.As
         ("logit_bias", {"999999": 1}),
     ):
         with pytest.raises(openai.BadRequestError) as e:
-            await complete(client, "x", **{name: value})
+            await complete(real_client, "x", **{name: value})
         assert name in e.value.message
