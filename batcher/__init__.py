@@ -25,6 +25,7 @@ Layout (a module imports only modules below it; ``batcher`` never imports torch 
     _wakeup       how one loop task waits for another: never a poll
     _fake         FakeBackend, a deterministic timed backend for tests and benchmarks
     _backend      the backend protocol (start / prepare / step / close) and its value types
+    _prefix_index  PrefixCache: an LRU prefix index over hashed token blocks (HF and fake backends)
     _text         StopMatcher: stop strings that never leak into a stream
     _config, _types, _response_format, _errors   configuration, value types (ResponseFormat:
                   a structured output as plain data), the exception tree

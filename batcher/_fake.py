@@ -16,12 +16,12 @@ import math
 import threading
 import time
 import zlib
-from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ._backend import NewSequence, PreparedPrompt, PrepareRequest, SeqOutput, StepResult
 from ._errors import InvalidRequest, PromptTooLong
+from ._prefix_index import PrefixCache, PrefixStats
 from ._text import StopMatcher
 from ._types import Logprobs, Prompt, SamplingParams, TokenIds, TokenLogprob
 
@@ -37,66 +37,6 @@ class _Seq:
     stop: StopMatcher
     eos_at: int | None
     poison: bool
-
-
-@dataclass(slots=True)
-class FakePrefixStats:
-    """The fake prefix cache's running totals (named as ``HFBackend.prefix_stats``'s)."""
-
-    lookup_tokens: int = 0
-    hit_tokens: int = 0
-    evictions: int = 0
-
-    @property
-    def hit_ratio(self) -> float:
-        return self.hit_tokens / self.lookup_tokens if self.lookup_tokens else 0.0
-
-
-class _PrefixIndex:
-    """Blocks of ``block`` tokens keyed by a hash chain, LRU; locked (``prepare`` peeks from the
-    host thread while steps update it on the device thread)."""
-
-    def __init__(self, capacity_blocks: int, block: int = 8) -> None:
-        self.block, self.capacity = block, capacity_blocks
-        self._lru: OrderedDict[int, None] = OrderedDict()
-        self._lock = threading.Lock()
-        self.stats = FakePrefixStats()
-
-    @property
-    def held_tokens(self) -> int:
-        return len(self._lru) * self.block
-
-    def _keys(self, ids: Sequence[int], limit: int) -> Iterator[int]:
-        key, b = 0, self.block
-        for i in range(0, limit - b + 1, b):
-            key = hash((key, tuple(ids[i : i + b])))
-            yield key
-
-    def _cached(self, ids: Sequence[int]) -> list[int]:
-        hits: list[int] = []
-        for key in self._keys(ids, len(ids) - 1):  # the last token is always computed
-            if key not in self._lru:
-                break
-            hits.append(key)
-        return hits
-
-    def peek(self, ids: Sequence[int]) -> int:
-        with self._lock:
-            return len(self._cached(ids)) * self.block
-
-    def admit(self, ids: Sequence[int]) -> int:
-        """Look ``ids`` up (counted, touched) and index its full blocks; the tokens reused."""
-        with self._lock:
-            hits = len(self._cached(ids)) * self.block
-            self.stats.lookup_tokens += len(ids)
-            self.stats.hit_tokens += hits
-            for key in self._keys(ids, len(ids)):
-                self._lru[key] = None
-                self._lru.move_to_end(key)
-                if len(self._lru) > self.capacity:
-                    self._lru.popitem(last=False)
-                    self.stats.evictions += 1
-            return hits
 
 
 class FakeBackend:
@@ -128,7 +68,7 @@ class FakeBackend:
         self.step_time_per_seq_s = step_time_per_seq_s
         self.step_time_per_token_s = step_time_per_token_s
         self.prefix_cache_tokens = max(0, prefix_cache_tokens) // 8 * 8
-        self._prefix = _PrefixIndex(self.prefix_cache_tokens // 8) if self.prefix_cache_tokens else None
+        self._prefix = PrefixCache(self.prefix_cache_tokens // 8) if self.prefix_cache_tokens else None
         self.max_context = max_context
         self.max_batch_tokens = max_batch_tokens
         self.vocab_size = vocab_size
@@ -177,7 +117,7 @@ class FakeBackend:
                 continue
             seq = self._seqs[new.seq_id] = self._new_seq(new)
             self._poisoned |= seq.poison
-            hit = self._prefix.admit(new.prompt_ids) if self._prefix is not None else 0
+            hit = self._cache_prompt(new.prompt_ids)
             cached, prefilled = cached + hit, prefilled + len(new.prompt_ids) - hit
         batch = len(self._seqs)
         self.batch_sizes.append(batch)
@@ -192,6 +132,14 @@ class FakeBackend:
                 del self._seqs[out.seq_id]
         return StepResult(outputs, failed, computed_tokens=batch, padding_tokens=0, cached_tokens=cached)
 
+    def _cache_prompt(self, ids: Sequence[int]) -> int:
+        """Look ``ids`` up in the prefix cache (counted) and index its full blocks: tokens reused."""
+        if self._prefix is None:
+            return 0
+        hit = len(self._prefix.match(ids)) * self._prefix.block
+        self._prefix.insert(ids)
+        return hit
+
     def close(self) -> None:
         self.threads["close"].add(threading.get_ident())
         self._seqs.clear()
@@ -199,14 +147,14 @@ class FakeBackend:
 
     # -- test helpers -----------------------------------------------------------------------
     @property
-    def prefix_stats(self) -> FakePrefixStats:
+    def prefix_stats(self) -> PrefixStats:
         """The prefix cache's running totals (all zero when it is off)."""
-        return self._prefix.stats if self._prefix is not None else FakePrefixStats()
+        return self._prefix.stats if self._prefix is not None else PrefixStats()
 
     @property
     def cached_tokens(self) -> int:
         """Tokens the prefix cache holds now."""
-        return self._prefix.held_tokens if self._prefix is not None else 0
+        return self._prefix.cached_tokens if self._prefix is not None else 0
 
     @property
     def live_sequences(self) -> int:

@@ -41,6 +41,8 @@ PUBLIC: dict[ModuleType, list[str]] = {
         "GenerationBackend",
         "Logprobs",
         "NewSequence",
+        "PrefixCache",
+        "PrefixStats",
         "PrepareRequest",
         "PreparedPrompt",
         "ResponseFormat",
