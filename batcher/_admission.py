@@ -64,32 +64,24 @@ class Admission(Generic[E]):
             engine.stats.count("shutdown", tenant=tenant)
             raise BatcherClosed(self._closed_message())
         if self.queue_depth >= self.config.max_queue:
-            engine.stats.count("overloaded", tenant=tenant)
-            retry = self.retry_after()
-            raise Overloaded(
-                f"queue is full (max_queue={self.config.max_queue}): retry in "
-                f"{retry:.2g} s, or raise max_queue",
-                retry_after=retry,
+            raise self._overloaded(
+                engine, tenant, f"queue is full (max_queue={self.config.max_queue})", "raise max_queue"
             )
         limit = self.config.tenant_max_queue
         if tenant is not None and limit is not None and self._tenant_queued(tenant) >= limit:
-            engine.stats.count("overloaded", tenant=tenant)
-            retry = self.retry_after()
-            raise Overloaded(
-                f"tenant {tenant!r} has {limit} requests queued (tenant_max_queue={limit}): "
-                f"retry in {retry:.2g} s, or raise tenant_max_queue",
-                retry_after=retry,
-            )
+            why = f"tenant {tenant!r} has {limit} requests queued (tenant_max_queue={limit})"
+            raise self._overloaded(engine, tenant, why, "raise tenant_max_queue")
         slo = self.config.ttft_slo_s
         if slo is not None and (ttft := engine.predicted_ttft(tenant)) is not None and ttft > slo:
-            engine.stats.count("overloaded", tenant=tenant)
-            retry = self.retry_after()
-            raise Overloaded(
-                f"predicted time to first token {ttft:.2g} s exceeds the objective "
-                f"(ttft_slo_s={slo:g}): retry in {retry:.2g} s, or send it to another replica",
-                retry_after=retry,
-            )
+            why = f"predicted time to first token {ttft:.2g} s exceeds the objective (ttft_slo_s={slo:g})"
+            raise self._overloaded(engine, tenant, why, "send it to another replica")
         return engine
+
+    def _overloaded(self, engine: E, tenant: str | None, why: str, advice: str) -> Overloaded:
+        """Count an ``overloaded`` refusal and build its error, with a fresh jittered retry time."""
+        engine.stats.count("overloaded", tenant=tenant)
+        retry = self.retry_after()
+        return Overloaded(f"{why}: retry in {retry:.2g} s, or {advice}", retry_after=retry)
 
     def _tenant_queued(self, tenant: str) -> int:
         return sum(e.tenant_queued(tenant) for e in self.engines)
