@@ -1,14 +1,15 @@
 """CPU speed-up: linear layers on oneDNN with weights packed once (what torch.compile's freezing
 does for CPU, without compiling).
 
-A CPU decode step is mostly ``aten::mm``; through oneDNN with prepacked (blocked) weights it is
-about a third faster at 32 rows (figures: ``docs/hf-backend.md``). With 1-3 rows the plain path
-is as fast (memory-bound), so it is kept there, and for calls of more than 64 positions (see
-``PackedLinear.forward``).
+A CPU step is mostly ``aten::mm``; through oneDNN with prepacked (blocked) weights it is faster at
+every row count measured, most of all at 2-3 rows, where MKL's plain product is slowest (decode
+steps of 2-3 rows: 44-50 instead of 97-123 ms; figures: ``docs/hf-backend.md``). oneDNN builds and
+caches one primitive per input shape, so only calls of at most ``SMALL`` positions take the packed
+path (every size once did, and RSS crept ~50 MB per 1,000 requests); longer ones run ``F.linear``.
 Numerics: float32 results differ from ``F.linear`` in the last bits (max ~1e-5 on unit-scale
-outputs), as any two GEMM kernels do.
+outputs), as any two GEMM kernels do; a packed row's result does not depend on the rows beside it.
 
-Packing keeps the original weight (used for few rows, and by anything that reads the module), so
+Packing keeps the original weight (used for long calls, and by anything that reads the module), so
 linear weights take twice their memory; it is applied on CPU only, and only to models of at most
 ``MAX_PACKED_BYTES``. If this torch build lacks the oneDNN ops, or a self-check fails, the model is
 left as it was.
@@ -21,12 +22,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["MAX_PACKED_BYTES", "pack_linears"]
+__all__ = ["MAX_PACKED_BYTES", "SMALL", "pack_linears"]
 
 MAX_PACKED_BYTES = 4 << 30
-_FEW_ROWS = 4  # below this many rows the plain (memory-bound) path is as fast
+SMALL = 64  # calls of at most this many positions (all sequences together) take the packed path
 _BATCH_HINT = 32  # the row count oneDNN chooses its weight layout for
-_SMALL = 64  # calls of at most this many positions (all sequences together) take the packed path
 
 
 class PackedLinear(torch.nn.Module):
@@ -40,12 +40,8 @@ class PackedLinear(torch.nn.Module):
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), _BATCH_HINT)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # oneDNN caches one primitive per input shape, so the packed path takes a bounded set of
-        # shapes: packed calls of at most _SMALL positions ([1, T, features], see
-        # ``_attention``). Call sizes vary without end (RSS crept up ~50 MB per 1,000 requests
-        # when every prefill used this path).
-        rows = x.numel() // self.in_features
-        if _FEW_ROWS <= rows <= _SMALL:
+        # A bounded set of shapes for oneDNN: [1, T, features] with T <= SMALL (see ``_attention``).
+        if x.numel() // self.in_features <= SMALL:
             out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
             return out
         return F.linear(x, self.weight, self.bias)
