@@ -10,7 +10,10 @@ timed on their own threads (``time.perf_counter``; on the CPU every torch call i
          sampling and the rest ─► the loop delivers ─► the client's first chunk
 
 For each request the phases add up to its TTFT exactly; the p50 of each phase is printed, with
-the p50 TTFT, the uncached tokens per newcomer and the rows its step decoded.
+the p50 TTFT, the uncached tokens per newcomer and the rows its step decoded. Last, the floor the
+matrix products alone set: the model's own linear layers (as a step calls them) timed at the
+median own step's positions, plus half a median decode step's (a newcomer waits, on average, for
+half the step running when it arrives). No scheduling can bring the TTFT below it.
 
     .venv/bin/python benchmarks/ttft_breakdown.py [--prompts 16] [--rate 0.5]
 """
@@ -29,6 +32,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -177,6 +182,7 @@ async def run(args: argparse.Namespace) -> None:
     done: list[Trace] = []
     async with Batcher(backend, config) as batcher:
         await batcher.generate(reqs[-1].messages, max_tokens=2)  # warm: the system prompt's blocks
+        model = backend.model  # kept for the floor, timed once the device thread has exited
 
         async def one(r: Req) -> None:
             tr = probe.expect(backend.tokenize(r.messages), time.perf_counter())
@@ -208,6 +214,35 @@ async def run(args: argparse.Namespace) -> None:
     decode = [s.end - s.start for s in probe.steps if s.new_tokens == s.rows]
     if decode:
         print(f"  decode-only steps: {len(decode)}, p50 {statistics.median(decode) * 1e3:.1f} ms")
+    own = [t.step for t in done if t.step is not None]
+    positions, rows_own = int(statistics.median(s.new_tokens for s in own)), int(statistics.median(s.rows for s in own))
+    decode_rows = int(statistics.median(s.rows for s in probe.steps if s.new_tokens == s.rows) or 1)
+    own_ms = products_ms(model, backend.dtype, positions, rows_own)
+    decode_ms = products_ms(model, backend.dtype, decode_rows, decode_rows)
+    print(
+        f"floor of the matrix products alone: own step ({positions} positions, {rows_own} rows) "
+        f"{own_ms:.1f} ms + half a decode step ({decode_rows} rows) {decode_ms / 2:.1f} ms = "
+        f"{own_ms + decode_ms / 2:.1f} ms"
+    )
+
+
+def products_ms(model: Any, dtype: torch.dtype, positions: int, rows: int, repeats: int = 7) -> float:
+    """Median milliseconds of one pass over the model's linear layers as a step calls them:
+    ``[1, positions, features]`` through every layer, then ``[1, rows, hidden]`` through the
+    output head (logits for each row's last token only)."""
+    head = model.get_output_embeddings()
+    layers = [m for m in model.modules() if hasattr(m, "in_features") and m is not head]
+    inputs = [torch.randn(1, positions, m.in_features, dtype=dtype) for m in layers]
+    last = torch.randn(1, rows, head.in_features, dtype=dtype)
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for m, x in zip(layers, inputs, strict=True):
+                m(x)
+            head(last)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:]) * 1e3
 
 
 def parse() -> argparse.Namespace:
