@@ -136,7 +136,7 @@ class FakeBackend:
         """Look ``ids`` up in the prefix cache (counted) and index its full blocks: tokens reused."""
         if self._prefix is None:
             return 0
-        hit = len(self._prefix.match(ids)) * self._prefix.block
+        hit = self._prefix.match(ids)[1]
         self._prefix.insert(ids)
         return hit
 

@@ -3,9 +3,12 @@
 Blocks of ``block`` tokens keyed by a hash chain: a block's key is ``(its parent block's id, its
 tokens)``, so a block matches only when every token before it matched too. Why blocks and not a
 radix tree: every block is the same size, so a pool is a fixed array of slots with no
-fragmentation, a lookup is one dict probe per block, and eviction frees whole slots; the cost is
-that only full blocks are reused (at most ``block - 1`` tokens of a prompt are recomputed). A block
-is always touched after its descendants, so the least recently used block is a leaf.
+fragmentation, a lookup is one dict probe per block, and eviction frees whole slots. Reuse is still
+token-exact, as a radix tree's: past the last whole block that matches, a cached child block whose
+first ``j < block`` tokens match the prompt's next ones lends those ``j`` (its keys/values for them
+depend only on the tokens before, all equal), found by a second index keyed by ``(parent, first j
+tokens)``, at most ``block - 1`` probes. A block is always touched after its descendants, so the
+least recently used block is a leaf.
 
 Pure Python, no tensors: the backend keeps the keys/values of each slot (the HF backend in
 ``KVSlab.pool``; the fake backend keeps none). The device thread looks up, inserts and evicts; the
@@ -52,6 +55,8 @@ class PrefixCache:
             raise ValueError("a prefix cache needs at least one block of at least one token")
         self.block, self.capacity = block, capacity
         self._index: dict[tuple[int, tuple[int, ...]], _Block] = {}
+        # (parent uid, a block's first j tokens) for 0 < j < block -> the blocks that start so, by uid
+        self._heads: dict[tuple[int, tuple[int, ...]], dict[int, _Block]] = {}
         self._lru: OrderedDict[int, _Block] = OrderedDict()  # by uid, least recent first
         self._free = list(range(capacity - 1, -1, -1))
         self._uids = itertools.count(1)
@@ -73,6 +78,18 @@ class PrefixCache:
             parent = hit.uid
         return chain
 
+    def _lookup(self, ids: Sequence[int], limit: int) -> tuple[list[_Block], int]:
+        """The blocks holding the longest cached prefix of ``ids[:limit]`` and its length in
+        tokens: whole blocks, then possibly the head of one more."""
+        chain = self._chain(ids, limit)
+        tokens = len(chain) * self.block
+        parent = chain[-1].uid if chain else 0
+        for j in range(min(self.block - 1, limit - tokens), 0, -1):
+            lenders = self._heads.get((parent, tuple(ids[tokens : tokens + j])))
+            if lenders:
+                return [*chain, next(reversed(lenders.values()))], tokens + j
+        return chain, tokens
+
     def _touch(self, chain: Sequence[_Block]) -> None:
         for blk in reversed(chain):  # parents end up more recent than their children
             self._lru.move_to_end(blk.uid)
@@ -81,17 +98,18 @@ class PrefixCache:
         """Tokens :meth:`match` would reuse for prompt ``ids`` now; no LRU touch, not counted.
         Safe from any thread (the scheduler's hint: a step may evict them before the prompt runs)."""
         with self._lock:
-            return len(self._chain(ids, len(ids) - 1)) * self.block
+            return self._lookup(ids, len(ids) - 1)[1]
 
-    def match(self, ids: Sequence[int]) -> list[int]:
-        """The pool slots of the longest cached prefix of prompt ``ids`` (block-aligned, always
-        leaving its last token to compute, for its logits); counted in ``stats``."""
+    def match(self, ids: Sequence[int]) -> tuple[list[int], int]:
+        """The longest cached prefix of prompt ``ids``, always leaving its last token to compute
+        (for its logits): the pool slots that hold it, in order, and its length in tokens (the
+        last slot may lend only its first tokens); counted in ``stats``."""
         with self._lock:
-            chain = self._chain(ids, len(ids) - 1)
+            chain, tokens = self._lookup(ids, len(ids) - 1)
             self._touch(chain)
             self.stats.lookup_tokens += len(ids)
-            self.stats.hit_tokens += len(chain) * self.block
-            return [blk.slot for blk in chain]
+            self.stats.hit_tokens += tokens
+            return [blk.slot for blk in chain], tokens
 
     def insert(self, ids: Sequence[int]) -> list[tuple[int, int]]:
         """Index every full block of ``ids`` (tokens whose keys/values exist); return the
@@ -115,6 +133,8 @@ class PrefixCache:
                 self._evict(victim)
             blk = _Block(next(self._uids), self._free.pop(), (parent, tuple(ids[i : i + b])))
             self._index[blk.key] = blk
+            for j in range(1, b):
+                self._heads.setdefault((parent, blk.key[1][:j]), {})[blk.uid] = blk
             self._lru[blk.uid] = blk
             chain.append(blk)
             mine.add(blk.uid)
@@ -126,6 +146,13 @@ class PrefixCache:
     def _evict(self, blk: _Block) -> None:
         del self._lru[blk.uid]
         del self._index[blk.key]
+        parent, tokens = blk.key
+        for j in range(1, self.block):
+            head = (parent, tokens[:j])
+            lenders = self._heads[head]
+            del lenders[blk.uid]
+            if not lenders:
+                del self._heads[head]
         self._free.append(blk.slot)
         self.stats.evictions += 1
 
@@ -133,5 +160,6 @@ class PrefixCache:
         """Forget every block (the pool was freed); the stats stay."""
         with self._lock:
             self._index.clear()
+            self._heads.clear()
             self._lru.clear()
             self._free = list(range(self.capacity - 1, -1, -1))
