@@ -6,9 +6,12 @@ radix tree: every block is the same size, so a pool is a fixed array of slots wi
 fragmentation, a lookup is one dict probe per block, and eviction frees whole slots. Reuse is still
 token-exact, as a radix tree's: past the last whole block that matches, a cached child block whose
 first ``j < block`` tokens match the prompt's next ones lends those ``j`` (its keys/values for them
-depend only on the tokens before, all equal), found by a second index keyed by ``(parent, first j
-tokens)``, at most ``block - 1`` probes. A block is always touched after its descendants, so the
-least recently used block is a leaf.
+depend only on the tokens before, all equal), found by a second index from the hash of ``(parent,
+first j tokens)`` to the block that last was indexed or lent that head, at most ``block - 1``
+probes (ints, not tuples, as keys: ~0.5 KB a block). Lending re-points the heads to the lender, the
+most recently used of its siblings, so the entry rarely goes with an eviction (if it does, an
+older sibling with the same head stops lending it until one is indexed or lends again). A block is
+always touched after its descendants, so the least recently used block is a leaf.
 
 Pure Python, no tensors: the backend keeps the keys/values of each slot (the HF backend in
 ``KVSlab.pool``; the fake backend keeps none). The device thread looks up, inserts and evicts; the
@@ -55,8 +58,7 @@ class PrefixCache:
             raise ValueError("a prefix cache needs at least one block of at least one token")
         self.block, self.capacity = block, capacity
         self._index: dict[tuple[int, tuple[int, ...]], _Block] = {}
-        # (parent uid, a block's first j tokens) for 0 < j < block -> the blocks that start so, by uid
-        self._heads: dict[tuple[int, tuple[int, ...]], dict[int, _Block]] = {}
+        self._heads: dict[int, _Block] = {}  # hash((parent uid, first j tokens)), 0 < j < block
         self._lru: OrderedDict[int, _Block] = OrderedDict()  # by uid, least recent first
         self._free = list(range(capacity - 1, -1, -1))
         self._uids = itertools.count(1)
@@ -85,9 +87,10 @@ class PrefixCache:
         tokens = len(chain) * self.block
         parent = chain[-1].uid if chain else 0
         for j in range(min(self.block - 1, limit - tokens), 0, -1):
-            lenders = self._heads.get((parent, tuple(ids[tokens : tokens + j])))
-            if lenders:
-                return [*chain, next(reversed(lenders.values()))], tokens + j
+            head = tuple(ids[tokens : tokens + j])
+            lender = self._heads.get(hash((parent, head)))
+            if lender is not None and lender.key[0] == parent and lender.key[1][:j] == head:
+                return [*chain, lender], tokens + j
         return chain, tokens
 
     def _touch(self, chain: Sequence[_Block]) -> None:
@@ -107,6 +110,8 @@ class PrefixCache:
         with self._lock:
             chain, tokens = self._lookup(ids, len(ids) - 1)
             self._touch(chain)
+            if tokens % self.block:  # the last block lends its head: it is now the one to find
+                self._index_heads(chain[-1])
             self.stats.lookup_tokens += len(ids)
             self.stats.hit_tokens += tokens
             return [blk.slot for blk in chain], tokens
@@ -133,8 +138,7 @@ class PrefixCache:
                 self._evict(victim)
             blk = _Block(next(self._uids), self._free.pop(), (parent, tuple(ids[i : i + b])))
             self._index[blk.key] = blk
-            for j in range(1, b):
-                self._heads.setdefault((parent, blk.key[1][:j]), {})[blk.uid] = blk
+            self._index_heads(blk)
             self._lru[blk.uid] = blk
             chain.append(blk)
             mine.add(blk.uid)
@@ -143,15 +147,18 @@ class PrefixCache:
         self._touch(chain)
         return new
 
+    def _index_heads(self, blk: _Block) -> None:
+        parent, tokens = blk.key
+        for j in range(1, self.block):
+            self._heads[hash((parent, tokens[:j]))] = blk
+
     def _evict(self, blk: _Block) -> None:
         del self._lru[blk.uid]
         del self._index[blk.key]
         parent, tokens = blk.key
         for j in range(1, self.block):
-            head = (parent, tokens[:j])
-            lenders = self._heads[head]
-            del lenders[blk.uid]
-            if not lenders:
+            head = hash((parent, tokens[:j]))
+            if self._heads.get(head) is blk:
                 del self._heads[head]
         self._free.append(blk.slot)
         self.stats.evictions += 1

@@ -36,8 +36,8 @@ class NewRows:
     """The step's newcomers, as index tensors: they take slab rows ``row0 .. row0+m-1``; the call's
     tokens from ``n`` on are theirs, token ``i`` going to padded query slot ``(slot_b[i],
     slot_t[i])`` of a ``[m, width_q]`` grid; they attend to the last ``width_k`` columns of the
-    window under ``mask`` ``[m, 1, width_q, width_k]``. ``prefix_cells`` (see :func:`cells`) get the
-    prefix cache's pool slots ``prefix_src``."""
+    window under the additive ``mask`` ``[m, 1, width_q, width_k]`` (0 or -inf). ``prefix_cells``
+    (see :func:`cells`) get the prefix cache's pool slots ``prefix_src``."""
 
     row0: int
     m: int
@@ -225,9 +225,13 @@ def plan_step(
         key_col = torch.arange(col + 1 - width_k, col + 1, device=slab.device)
         query_col = torch.arange(col + 1 - width_q, col + 1, device=slab.device)
         padded = torch.arange(width_q, device=slab.device) < (width_q - q_d).unsqueeze(1)  # [m, wq]
-        mask = (key_col >= first_d.view(m, 1, 1)) & (
+        allowed = (key_col >= first_d.view(m, 1, 1)) & (
             (key_col <= query_col.view(1, -1, 1)) | padded.unsqueeze(2)
         )  # [m, wq, wk]: own prompt only, causal; padded slots see the whole prompt (no empty row)
+        # additive, once per step: SDPA converts a boolean mask in every layer's call (the CPU's
+        # newcomer attention measured 9.1 -> 5.3 ms per step over 30 layers)
+        mask = torch.zeros(allowed.shape, dtype=slab.dtype, device=slab.device)
+        mask.masked_fill_(~allowed, float("-inf"))
         reuse = bool(skip.any())
         news = NewRows(
             n,

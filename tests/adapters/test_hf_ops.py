@@ -15,7 +15,9 @@ def test_ops_per_layer_per_step_do_not_grow_with_newcomers(tiny: HFBackend) -> N
     for s in steps:
         assert s.attention <= 2, s  # decode rows over the slab + every newcomer together
         assert s.copies <= 8, s
-        assert s.index_writes <= 4, s  # keys, values, and the chat prefix's keys, values
+        # keys and values; the prefix cache's keys and values copied in; the newcomers' query grid;
+        # the step's new blocks stored into the cache's pool
+        assert s.index_writes <= 6, s
     by_wave = {s.newcomers: s.total for s in steps if s.newcomers}
     assert by_wave[64] <= 1.1 * by_wave[7], f"aten ops per layer by newcomers: {by_wave}"
     assert tiny.live_sequences == 0 and tiny.kv_bytes == 0

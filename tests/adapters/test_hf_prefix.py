@@ -46,7 +46,7 @@ def test_a_partial_lender_is_found_among_siblings_and_forgotten_when_evicted() -
     cache.match([1, 2, 3, 4, 5, 6, 7, 0, 0])  # a is now the more recent: b is the victim
     cache.insert([20, 21, 22, 23])
     assert cache.stats.evictions == 1
-    assert cache.match([1, 2, 3, 4, 5, 6, 9, 0, 0]) == ([root, a], 6)  # b's head went with it
+    assert cache.match([1, 2, 3, 4, 5, 6, 9, 0, 0]) == ([root, a], 6)  # [5, 6, 9] went with b; a lent last
     assert cache.peek([1, 2, 3, 4, 5, 6, 9, 0, 0]) == 6
 
 
