@@ -215,7 +215,10 @@ async def run(args: argparse.Namespace) -> None:
     if decode:
         print(f"  decode-only steps: {len(decode)}, p50 {statistics.median(decode) * 1e3:.1f} ms")
     own = [t.step for t in done if t.step is not None]
-    positions, rows_own = int(statistics.median(s.new_tokens for s in own)), int(statistics.median(s.rows for s in own))
+    positions, rows_own = (
+        int(statistics.median(s.new_tokens for s in own)),
+        int(statistics.median(s.rows for s in own)),
+    )
     decode_rows = int(statistics.median(s.rows for s in probe.steps if s.new_tokens == s.rows) or 1)
     own_ms = products_ms(model, backend.dtype, positions, rows_own)
     decode_ms = products_ms(model, backend.dtype, decode_rows, decode_rows)
