@@ -180,7 +180,7 @@ def test_a_failing_step_frees_everything_and_the_next_step_works(
 
 
 @pytest.mark.slow
-def test_memory_returns_to_baseline_over_1000_requests(tiny: HFBackend) -> None:
+def test_memory_returns_to_baseline_over_1600_requests(tiny: HFBackend) -> None:
     rng = random.Random(7)
     proc = psutil.Process()
 
@@ -204,17 +204,19 @@ def test_memory_returns_to_baseline_over_1000_requests(tiny: HFBackend) -> None:
     # same figure after every wave -- this is what catches a cache row, a per-sequence tensor or a
     # list of them kept by mistake. (2) RSS, which also sees native memory but moves in allocator
     # steps: the first waves grow while oneDNN and malloc cache kernels and arenas for new shapes
-    # (measured: +22, +11, +9, +3 MiB, then steps of 0-4.5 MiB at irregular waves), so it is held
-    # to a plateau bound rather than to a ratio (a ratio of two 4 MiB steps flaked in CI).
+    # (measured: +22, +11, +9, +3 MiB, then steps of 0-4.5 MiB at irregular waves; run alone,
+    # with no earlier test having made those shapes, it still grew 18 MiB over waves 6-11), so it
+    # is held to a plateau bound over the last 600 of 1,600 requests rather than to a ratio (a
+    # ratio of two 4 MiB steps flaked in CI).
     held, rss = [], []
-    for n in range(12):
+    for n in range(16):
         wave(n * 100, 100)
         gc.collect()
         held.append(_live_tensor_bytes())
         rss.append(proc.memory_info().rss)
     mib = [round(r / 2**20, 1) for r in rss]
-    assert held[1:] == [held[1]] * 11, f"tensor bytes held after each wave: {held}"
-    late = rss[-1] - rss[5]
+    assert held[1:] == [held[1]] * 15, f"tensor bytes held after each wave: {held}"
+    late = rss[-1] - rss[9]
     assert late < 16 * 2**20, f"RSS grew by {late / 2**20:.1f} MiB over the last 600 requests: {mib}"
 
 
