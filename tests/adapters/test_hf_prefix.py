@@ -50,6 +50,17 @@ def test_a_partial_lender_is_found_among_siblings_and_forgotten_when_evicted() -
     assert cache.peek([1, 2, 3, 4, 5, 6, 9, 0, 0]) == 6
 
 
+def test_a_head_whose_hash_collides_is_not_lent() -> None:
+    # The head index is keyed by hash((parent, tokens)); a colliding entry must be checked against
+    # the block's own tokens, or a prompt would get another prompt's keys/values silently.
+    cache = PrefixCache(capacity=4, block=4)
+    [(_, slot)] = cache.insert([1, 2, 3, 4])
+    impostor = cache._heads[hash((0, (1, 2)))]
+    cache._heads[hash((0, (7, 8)))] = impostor  # as if (0, (7, 8)) hashed like (0, (1, 2))
+    assert cache.match([7, 8, 9, 9]) == ([], 0)
+    assert cache.match([1, 2, 9, 9]) == ([slot], 2)
+
+
 def test_index_evicts_least_recently_used_leaves_within_its_capacity() -> None:
     cache = PrefixCache(capacity=3, block=2)
     a = cache.insert([1, 2, 3, 4])  # chain a: 2 blocks
