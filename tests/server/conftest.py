@@ -170,6 +170,16 @@ def expected_text(prompt: str | list[dict[str, str]], max_tokens: int, **params:
     return "".join(fake.token_text(t) for t in ids)
 
 
+async def streamed_logprobs(stream: Any) -> list[Any]:
+    """Every token log-probability entry of a streamed chat completion, in order."""
+    return [
+        t
+        async for c in stream
+        if c.choices and c.choices[0].logprobs
+        for t in c.choices[0].logprobs.content or ()
+    ]
+
+
 def metric(text: str, name: str, **labels: str) -> float:
     """Sum of the samples of ``name`` whose labels include ``labels``, in a /metrics text."""
     total = 0.0

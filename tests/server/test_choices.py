@@ -14,7 +14,7 @@ from batcher import TokenIds
 from batcher.backend import SamplingParams
 from batcher.testing import FakeBackend
 
-from .conftest import Server, expected_text
+from .conftest import Server, expected_text, streamed_logprobs
 
 MESSAGES = [{"role": "user", "content": "tell me something"}]
 
@@ -50,12 +50,7 @@ async def test_chat_logprobs_streamed_and_not_are_the_same_sorted_lists(client: 
         top_logprobs=3,
         stream=True,  # type: ignore[arg-type]
     )
-    streamed = [
-        t
-        async for c in stream
-        if c.choices and c.choices[0].logprobs
-        for t in c.choices[0].logprobs.content or ()
-    ]
+    streamed = await streamed_logprobs(stream)
     assert [t.model_dump() for t in streamed] == [t.model_dump() for t in content]
     plain = await client.chat.completions.create(model="fake", messages=MESSAGES, max_tokens=2)
     assert plain.choices[0].logprobs is None

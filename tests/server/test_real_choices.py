@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from .conftest import Server, metric
+from .conftest import Server, metric, streamed_logprobs
 
 pytestmark = pytest.mark.model
 MODEL = "SmolLM2-135M-Instruct"
@@ -45,12 +45,7 @@ async def test_greedy_chat_logprobs_choose_the_top_token_and_sum_sensibly(
         top_logprobs=5,
         stream=True,  # type: ignore[arg-type]
     )
-    streamed = [
-        t
-        async for c in stream
-        if c.choices and c.choices[0].logprobs
-        for t in c.choices[0].logprobs.content or ()
-    ]
+    streamed = await streamed_logprobs(stream)
     assert [t.token for t in streamed] == [t.token for t in content]
     assert [t.logprob for t in streamed] == pytest.approx([t.logprob for t in content], abs=1e-4)
 
