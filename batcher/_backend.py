@@ -108,6 +108,9 @@ class StepResult:
     ``computed_tokens`` counts the token positions the model computed (padding included) and
     ``padding_tokens`` how many of them were padding: the padding-waste metric. Backends that do
     not pad leave both 0. ``cached_tokens``: prompt tokens served from a prefix cache, not computed.
+    ``interrupted``: the step stopped early after an ``interrupt()`` (see
+    :class:`GenerationBackend`): it produced no tokens, its sequences still run, and the next step
+    computes their tokens (``failed`` and the drops still count).
     """
 
     outputs: list[SeqOutput]
@@ -115,6 +118,7 @@ class StepResult:
     computed_tokens: int = 0
     padding_tokens: int = 0
     cached_tokens: int = 0
+    interrupted: bool = False
 
 
 @runtime_checkable
@@ -146,6 +150,12 @@ class GenerationBackend(Protocol):
         (docs/architecture.md, "Faults split").
     ``close()``
         once, on the device thread, after the last step: free everything.
+    ``interrupt()`` (optional)
+        from the event loop, while a step that admits nothing runs, when a newcomer waits to join:
+        the backend may stop that step early (its first token comes a step sooner) and return a
+        ``StepResult`` with ``interrupted=True`` and no outputs, its running sequences untouched.
+        It decides whether stopping pays (``HFBackend``: by how far the step got, and how many rows
+        it runs) and may ignore the call; it must never stop a step that admits sequences.
     """
 
     #: The model's name: the ``model`` label of every metric, and the name the server reports.

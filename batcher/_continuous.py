@@ -5,7 +5,9 @@ newly admitted prompts, as one batch, to ``backend.prepare`` on the engine's hos
 loop plans a step, runs it on the device thread and delivers its tokens; while a step runs, the
 loop keeps admitting, tokenizing and delivering, so the next plan is ready when the step returns.
 When steps are very short, a second step waits queued on the device thread (docs/architecture.md,
-"Pipelined steps").
+"Pipelined steps"). A newcomer that arrives while a step that admits nothing runs asks the
+backend to stop that step early, if it can (``interrupt``): it then joins the next step at once
+instead of waiting for the running one to end (docs/architecture.md, "Interrupted steps").
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ __all__ = ["GenerationEngine"]
 #: Steps shorter than this are pipelined: below it the two thread wake-ups of a hand-off (tens of
 #: microseconds each on a virtual machine) are a noticeable share of a step.
 _PIPELINE_BELOW_S = 0.002
+
+#: Only steps at least this long (the last one measured) may be interrupted for a newcomer: it
+#: waits half a step on average, and below this that is less than a stop and a redo are worth.
+_INTERRUPT_ABOVE_S = 0.01
 
 #: A step sent to the device thread: its result to come, how many sequences it runs, and how many
 #: prompt tokens it prefills.
@@ -72,6 +78,9 @@ class GenerationEngine(Engine):
         self.cost = StepCost()  # learned from every step: predicts TTFT, drain, the batch window
         self._token_rate = DrainRate()  # tokens delivered per second, measured
         self._arrivals = DrainRate(window_s=2.0)  # requests admitted per second, measured
+        interrupt = getattr(backend, "interrupt", None)
+        self._interrupt: Callable[[], None] | None = interrupt if callable(interrupt) else None
+        self._interruptible = False  # the one step in flight admits nothing: a newcomer may stop it
 
     @property
     def queue_depth(self) -> int:
@@ -164,6 +173,11 @@ class GenerationEngine(Engine):
             return
         for r, result in zip(batch, results, strict=True):
             self.pipeline.queue(r, result)
+        pipeline = self.pipeline
+        if self._interruptible and pipeline.waiting and pipeline.running < pipeline.batch_cap:
+            self._interruptible = False  # once per step
+            assert self._interrupt is not None
+            self._interrupt()
 
     # -- the step loop (device thread) -----------------------------------------------------------
     async def _run(self) -> None:
@@ -200,6 +214,13 @@ class GenerationEngine(Engine):
         pipeline = self.pipeline
         admit = pipeline.plan(loop.time())
         if admit or pipeline.has_drops or pipeline.outlives(in_flight):
+            self._interruptible = (
+                self._interrupt is not None
+                and not admit
+                and not in_flight
+                and not pipeline.isolating
+                and self._last_busy >= _INTERRUPT_ABOVE_S
+            )
             return self._submit(admit)
         return None
 
@@ -275,16 +296,23 @@ class GenerationEngine(Engine):
         try:
             result, busy = await result_future
         except Exception as e:
+            self._interruptible = False
             self.pipeline.fail_step(e)
             return
-        self._last_busy = busy
+        self._interruptible = False
         stats = self.stats
+        now = asyncio.get_running_loop().time()
+        if result.interrupted:  # no tokens; its time is spent, but it is no step to learn from
+            stats.interrupted_steps += 1
+            stats.busy_seconds += busy
+            self.pipeline.deliver(result, now)
+            return
+        self._last_busy = busy
         stats.observe_step(busy, batch, result.computed_tokens, result.padding_tokens)
         stats.cached_tokens += result.cached_tokens
         stats.prefix_cache.read(self.backend)
         # The model learns from the prompt tokens computed: a cached prefix costs no prefill.
         self.cost.observe(batch, max(new_tokens - result.cached_tokens, 0), busy)
-        now = asyncio.get_running_loop().time()
         self._token_rate.record(now, self.pipeline.deliver(result, now))
 
 

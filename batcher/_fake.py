@@ -8,6 +8,8 @@ prefixes: those tokens are not prefilled, and ``prepare`` reports them as
 ``PreparedPrompt.cached_tokens``. It tokenizes by whitespace and generates tokens that are a pure
 function of the prompt, the position and the seed (:func:`FakeBackend.expected_tokens`), so a test
 can check that every token reached the right request. Failures can be injected on demand.
+:meth:`FakeBackend.interrupt` ends the sleep of a step that admits nothing, as a real backend
+stops a decode step early for a newcomer.
 """
 
 from __future__ import annotations
@@ -83,6 +85,13 @@ class FakeBackend:
         self.batch_sizes: list[int] = []
         #: Prompt tokens prefilled (not served from the prefix cache) by every step, in order.
         self.prefill_sizes: list[int] = []
+        #: Each ``interrupt()`` call: how many sequences the step running then admitted (None: no
+        #: step was running). The engine should only interrupt steps that admit nothing.
+        self.interrupt_calls: list[int | None] = []
+        #: Indices (into ``batch_sizes``) of the steps an interrupt stopped.
+        self.interrupted_steps: list[int] = []
+        self._interrupt = threading.Event()
+        self._running_admits: int | None = None
         self.started = False
         self.closed = False
         self._fail_id = self.word_id("FAIL")
@@ -100,8 +109,25 @@ class FakeBackend:
         self.threads["prepare"].add(threading.get_ident())
         return [self._prepare_one(r.prompt, r.params) for r in requests]
 
+    def interrupt(self) -> None:
+        """Any thread: stop the running step's sleep if it admits nothing (it then produces no
+        tokens); ignored otherwise. Cleared at each step's end, as ``HFBackend.interrupt``."""
+        with self._lock:
+            self.interrupt_calls.append(self._running_admits)
+        self._interrupt.set()
+
     def step(self, admit: Sequence[NewSequence], drop: Sequence[int]) -> StepResult:
         self.threads["step"].add(threading.get_ident())
+        with self._lock:
+            self._running_admits = len(admit)
+        try:
+            return self._step(admit, drop)
+        finally:
+            with self._lock:
+                self._running_admits = None
+            self._interrupt.clear()
+
+    def _step(self, admit: Sequence[NewSequence], drop: Sequence[int]) -> StepResult:
         with self._lock:
             if self._failing_steps:
                 self._failing_steps -= 1
@@ -125,7 +151,11 @@ class FakeBackend:
         self._raise_if_broken(batch)
         delay = self.step_time_s + self.step_time_per_seq_s * batch + self.step_time_per_token_s * prefilled
         if delay > 0:
-            time.sleep(delay)
+            if admit:
+                time.sleep(delay)
+            elif self._interrupt.wait(delay):  # a newcomer stopped this step
+                self.interrupted_steps.append(len(self.batch_sizes) - 1)
+                return StepResult([], failed, interrupted=True)
         outputs = [self._decode(seq_id, s) for seq_id, s in self._seqs.items()]
         for out in outputs:
             if out.finish_reason is not None:

@@ -62,6 +62,11 @@ _COUNTERS = (
     ("batcher_cached_tokens", "cached_tokens", "Prompt tokens served from the prefix cache."),
     ("batcher_executor_busy_seconds", "busy_seconds", "Seconds the device thread spent in steps."),
     ("batcher_step_splits", "step_splits", "Failed steps retried on smaller batches (fault isolation)."),
+    (
+        "batcher_interrupted_steps",
+        "interrupted_steps",
+        "Decode steps stopped early so that a newcomer joins sooner (their work is redone).",
+    ),
 )
 
 

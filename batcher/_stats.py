@@ -211,6 +211,7 @@ class EngineStats:
     busy_seconds: float = 0.0
     steps: int = 0
     step_splits: int = 0  # failed steps retried on smaller batches (batcher._faults)
+    interrupted_steps: int = 0  # steps a newcomer stopped early (``GenerationBackend.interrupt``)
     tenants: TenantTally = field(default_factory=lambda: TenantTally(10))
 
     def count(

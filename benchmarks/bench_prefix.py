@@ -71,18 +71,24 @@ async def run_load(backend: HFBackend, args: argparse.Namespace, reqs: list[Req]
     async with Batcher(backend, BatchConfig(max_batch_size=args.concurrency)) as batcher:
         serve = batcher_serve(batcher)
         await serve(Req(reqs[-1].messages, 2))  # warm up (and, with the cache, the system prompt)
+        stats = batcher.engine_stats()[0].stats
         obs, wall = await poisson(serve, reqs[: args.poisson_prompts], args.rate, "poisson")
         p = figures("batcher", "poisson", obs, wall)
+        p_interrupts, steps = stats.interrupted_steps, stats.steps
         obs, wall = await closed_loop(serve, reqs[: args.prompts], args.concurrency, "closed")
         c = figures("batcher", "closed", obs, wall)
-    stats = backend.prefix_stats
+        c_interrupts = stats.interrupted_steps - p_interrupts
+    cache = backend.prefix_stats
     return {
         "ttft_p50": p.ttft_p50,
         "ttft_p99": p.ttft_p99,
         "closed_tok_s": c.tokens_per_s,
         "closed_ttft_p50": c.ttft_p50,
-        "hit_ratio": stats.hit_ratio,
-        "evictions": stats.evictions,
+        "hit_ratio": cache.hit_ratio,
+        "evictions": cache.evictions,
+        "poisson_interrupts": p_interrupts,
+        "poisson_steps": steps,
+        "closed_interrupts": c_interrupts,
     }
 
 

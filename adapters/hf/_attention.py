@@ -14,7 +14,7 @@ function is plain SDPA.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,9 +26,14 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ._cache import KVSlab
 
-__all__ = ["ATTENTION", "NewRows", "StepPlan", "cells", "plan_step", "slab_attention"]
+__all__ = ["ATTENTION", "NewRows", "StepInterrupted", "StepPlan", "cells", "plan_step", "slab_attention"]
 
 ATTENTION = "llm_batcher_slab"
+
+
+class StepInterrupted(Exception):
+    """Raised at a layer's attention when the plan's ``halt(layer)`` says so: the step ends early,
+    having written only keys/values that the step redoing it writes again (``HFBackend.interrupt``)."""
 
 
 @dataclass(slots=True)
@@ -70,6 +75,7 @@ class StepPlan:
     keep: torch.Tensor
     cached: int = 0  # prompt tokens copied from the prefix cache
     attended: int = 0  # attention calls seen (the warm-up checks every layer made one)
+    halt: Callable[[int], bool] | None = None  # asked before each layer: raise StepInterrupted?
 
     @property
     def tokens(self) -> int:
@@ -82,6 +88,8 @@ class StepPlan:
         for the packed ``query`` ``[1, heads, T, dim]``: returns ``[1, T, heads, dim]``."""
         self.attended += 1
         layer = module.layer_idx
+        if self.halt is not None and self.halt(layer):
+            raise StepInterrupted(layer)
         kb, vb = self.slab.keys[layer], self.slab.values[layer]
         dim = kb.shape[-1]
         kb.view(-1, dim).index_copy_(0, self.cells, key[0].reshape(-1, dim))  # one indexed write each

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -27,7 +27,7 @@ from batcher.backend import (
     StepResult,
 )
 
-from ._attention import ATTENTION, StepPlan, plan_step
+from ._attention import ATTENTION, StepInterrupted, StepPlan, plan_step
 from ._cache import KVSlab
 from ._cpu_linear import pack_linears
 from ._detok import TokenBytes
@@ -53,6 +53,9 @@ __all__ = ["HFBackend"]
 
 _GIB = 1 << 30
 _BLOCK = 8  # prefix cache block, tokens (``_prefix``)
+#: A first token counts this many times a running row's next token when ``interrupt`` weighs
+#: stopping a decode step: the wait people notice most is the one before anything appears.
+_FIRST_TOKEN_WEIGHT = 4
 
 
 class HFBackend:
@@ -157,6 +160,7 @@ class HFBackend:
         self._generator = torch.Generator()  # unseeded sampling rows draw from it
         self._generator.seed()  # from fresh entropy
         self.attention_calls = 0  # in the last step's forward call (the warm-up checks it)
+        self._interrupt = threading.Event()  # set by ``interrupt``, cleared at each step's end
 
     # -- the four verbs ---------------------------------------------------------------------
     def start(self) -> None:
@@ -211,6 +215,15 @@ class HFBackend:
         except BaseException:
             self._reset()  # the engine fails (and drops) every sequence of a failed step
             raise
+        finally:
+            self._interrupt.clear()
+
+    def interrupt(self) -> None:
+        """Any thread: a newcomer waits. A running step that admits nothing stops before its next
+        layer if that pays: when the newcomer's wait saved, the layers still to run counted
+        ``_FIRST_TOKEN_WEIGHT`` times, exceeds the layers already run times the rows that redo
+        them (docs/hf-backend.md, "Interrupted steps"). CUDA graph replays are never stopped."""
+        self._interrupt.set()
 
     def close(self) -> None:
         """Device thread: free the KV slab and the weights."""
@@ -363,6 +376,8 @@ class HFBackend:
             new_rows=len(admit), left=max((len(a.prompt_ids) for a in admit), default=1) - 1, right=1
         )
         plan = self._plan(admit)
+        if not admit:  # nothing changed yet but the drops: a newcomer may stop this step
+            plan.halt = self._halter(n)
         tok, special = self._decode_tokenizer, self._special
         self._rows += [
             Row.new(a.seq_id, a.prompt_ids, a.params, tok, special, self._matcher(a)) for a in admit
@@ -370,7 +385,10 @@ class HFBackend:
         penalties = self._penalties
         assert penalties is not None
         penalties.admit(n, [a.prompt_ids for a in admit], [a.params for a in admit])
-        logits = self._forward(plan)  # on failure ``step`` resets everything
+        try:
+            logits = self._forward(plan)  # on failure ``step`` resets everything
+        except StepInterrupted:  # keys/values written at column ``end`` are rewritten next step
+            return StepResult([], failed, interrupted=True)
         slab.end = plan.col + 1
         slab.add_rows([len(a.prompt_ids) for a in admit])
         if self._cache is not None:
@@ -402,6 +420,15 @@ class HFBackend:
         if finished:
             self._remove(finished)
         return StepResult(outputs, failed, computed_tokens=plan.tokens, cached_tokens=plan.cached)
+
+    def _halter(self, rows: int) -> Callable[[int], bool]:
+        """``StepPlan.halt`` for a decode step of ``rows`` rows (see :meth:`interrupt`)."""
+        event, layers = self._interrupt, self.model.config.get_text_config().num_hidden_layers
+
+        def halt(layer: int) -> bool:
+            return event.is_set() and (layers - layer) * _FIRST_TOKEN_WEIGHT > layer * rows
+
+        return halt
 
     def _grammars(self) -> GrammarCompiler:
         """The grammar compiler, built at the first request with a ``response_format`` (its view
