@@ -222,7 +222,7 @@ class HFBackend:
         """Any thread: a newcomer waits. A running step that admits nothing stops before its next
         layer if that pays: when the newcomer's wait saved, the layers still to run counted
         ``_FIRST_TOKEN_WEIGHT`` times, exceeds the layers already run times the rows that redo
-        them (docs/hf-backend.md, "Interrupted steps"). CUDA graph replays are never stopped."""
+        them (docs/architecture.md, "Interrupted steps"). CUDA graph replays are never stopped."""
         self._interrupt.set()
 
     def close(self) -> None:

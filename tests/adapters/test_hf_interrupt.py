@@ -5,6 +5,7 @@ does not pay (late in the step, many rows), and in a step that admits, the call 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 from batcher.adapters.hf._backend import HFBackend
 
+from batcher import BatchConfig, Batcher
 from batcher.backend import NewSequence
 
 from .conftest import greedy, run_schedule, solo_greedy
@@ -90,3 +92,34 @@ def test_stopped_steps_keep_fp32_smollm2_equal_to_solo_generate(smol: HFBackend,
     assert calls and sum(s.interrupted for s in steps) >= 5
     for i, n in enumerate((14, 10, 8)):
         assert got[i].tokens == solo_greedy(smol, ids[i], n, model=smol_plain), i
+
+
+@pytest.mark.model
+@pytest.mark.slow
+async def test_newcomers_interrupt_real_decode_steps_through_the_batcher(smol_plain: object) -> None:
+    """The real threads: the loop calls ``interrupt`` while the device thread runs SmolLM2's
+    forward. Six newcomers arrive, each two decode steps after the last (a stop pays in the first
+    ~24 of 30 layers with one or two rows, so at least one of six lands there); every output still
+    equals solo ``generate``."""
+    backend = HFBackend(dtype="float32")  # the Batcher starts and closes its own
+    texts = ["Write a long story about a lighthouse keeper.", *(f"Count to {i}:" for i in range(3, 9))]
+    async with Batcher(backend, BatchConfig(max_batch_size=8)) as b:
+        ids = [backend.tokenize(t) for t in texts]
+
+        async def one(i: int, max_tokens: int) -> list[int]:
+            tokens: list[int] = []
+            async with b.stream(texts[i], max_tokens=max_tokens) as stream:
+                async for chunk in stream:
+                    tokens += chunk.token_ids
+            return tokens
+
+        story = asyncio.create_task(one(0, 60))
+        others = []
+        for i in range(1, len(texts)):
+            await asyncio.sleep(0.13)
+            others.append(asyncio.create_task(one(i, 6)))
+        got = [await story, *[await t for t in others]]
+        stats = b.engine_stats()[0].stats
+    assert stats.interrupted_steps >= 1
+    for i, tokens in enumerate(got):
+        assert tokens == solo_greedy(backend, ids[i], 60 if i == 0 else 6, model=smol_plain), i
