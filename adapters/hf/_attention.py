@@ -26,7 +26,16 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ._cache import KVSlab
 
-__all__ = ["ATTENTION", "NewRows", "StepInterrupted", "StepPlan", "cells", "plan_step", "slab_attention"]
+__all__ = [
+    "ATTENTION",
+    "NewRows",
+    "Shared",
+    "StepInterrupted",
+    "StepPlan",
+    "cells",
+    "plan_step",
+    "slab_attention",
+]
 
 ATTENTION = "llm_batcher_slab"
 
@@ -56,6 +65,23 @@ class NewRows:
 
 
 @dataclass(slots=True)
+class Shared:
+    """Decode rows ``members`` whose prompts start with the same ``length`` tokens: they attend to
+    those tokens' keys/values once, in row ``leader``'s copy from column ``first`` on (each member
+    holds an equal copy), and to their own columns ``rest .. stop-1`` apart, under the additive
+    ``mask`` ``[n, 1, 1, stop - rest]`` (a member's shared columns masked out); the two softmaxes
+    merge by their log-sum-exp (cascade attention: docs/hf-backend.md, "Shared prefixes")."""
+
+    members: torch.Tensor
+    count: int
+    leader: int
+    first: int
+    length: int
+    rest: int
+    mask: torch.Tensor
+
+
+@dataclass(slots=True)
 class StepPlan:
     """Where the tokens of one packed call go. Decode rows ``0 .. n-1`` are the call's first ``n``
     tokens; they attend to columns ``start .. stop-1`` under ``decode_mask`` ``[n, 1, 1, w]``. The
@@ -76,6 +102,7 @@ class StepPlan:
     cached: int = 0  # prompt tokens copied from the prefix cache
     attended: int = 0  # attention calls seen (the warm-up checks every layer made one)
     halt: Callable[[int], bool] | None = None  # asked before each layer: raise StepInterrupted?
+    shared: Shared | None = None  # decode rows attending to a shared prefix once
 
     @property
     def tokens(self) -> int:
@@ -104,12 +131,43 @@ class StepPlan:
     def _decode(
         self, module: Any, query: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, scaling: float | None
     ) -> torch.Tensor:
+        if self.shared is not None:
+            return self._cascade(self.shared, query, kb, vb, scaling)
         n, window = self.n, slice(self.start, self.stop)
         q = query[0, :, :n].transpose(0, 1).unsqueeze(2)  # [n, heads, 1, dim]
         out, _ = sdpa_attention_forward(
             module, q, kb[:n, :, window], vb[:n, :, window], self.decode_mask, scaling=scaling
         )
         return out.reshape(1, n, *out.shape[2:])  # [n, 1, heads, dim] -> [1, n, heads, dim]
+
+    def _cascade(
+        self, sh: Shared, query: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, scaling: float | None
+    ) -> torch.Tensor:
+        """Decode attention in two parts, merged: every row over its own columns, and the members
+        over the shared prefix in one batched product per key/value head. Scores, log-sum-exps
+        and the merge in float32; returns ``[1, n, heads, dim]``."""
+        n, heads, dim = self.n, query.shape[1], query.shape[3]
+        kv = kb.shape[1]
+        g, scale = heads // kv, scaling if scaling is not None else dim**-0.5
+        q = query[0, :, :n].transpose(0, 1).reshape(n, kv, g, dim)  # query head h reads kv head h // g
+        own_k, own_v = kb[:n, :, sh.rest : self.stop], vb[:n, :, sh.rest : self.stop]
+        s = torch.matmul(q, own_k.transpose(-1, -2)).float().mul_(scale).add_(sh.mask)  # [n, kv, g, w]
+        lse = torch.logsumexp(s, -1, keepdim=True)
+        out = torch.matmul(s.sub_(lse).exp_().to(own_v.dtype), own_v).float()  # [n, kv, g, dim]
+        m = sh.count
+        cols = slice(sh.first, sh.first + sh.length)
+        pre_k, pre_v = kb[sh.leader, :, cols], vb[sh.leader, :, cols]  # [kv, length, dim]
+        qm = q[sh.members].permute(1, 0, 2, 3).reshape(kv, m * g, dim)
+        s1 = torch.bmm(qm, pre_k.transpose(1, 2)).float().mul_(scale)  # [kv, m * g, length]
+        lse1 = torch.logsumexp(s1, -1, keepdim=True)
+        out1 = torch.bmm(s1.sub_(lse1).exp_().to(pre_v.dtype), pre_v).float()
+        out1 = out1.view(kv, m, g, dim).permute(1, 0, 2, 3)
+        lse1 = lse1.view(kv, m, g, 1).permute(1, 0, 2, 3)
+        lse2, out2 = lse[sh.members], out[sh.members]
+        top = torch.maximum(lse1, lse2)
+        w1, w2 = (lse1 - top).exp_(), (lse2 - top).exp_()
+        out[sh.members] = (out1 * w1 + out2 * w2) / (w1 + w2)
+        return out.to(query.dtype).reshape(1, n, heads, dim)
 
     def _prefill(
         self,

@@ -27,7 +27,7 @@ from batcher.backend import (
     StepResult,
 )
 
-from ._attention import ATTENTION, StepInterrupted, StepPlan, plan_step
+from ._attention import ATTENTION, Shared, StepInterrupted, StepPlan, plan_step
 from ._cache import KVSlab
 from ._cpu_linear import pack_linears
 from ._detok import TokenBytes
@@ -56,6 +56,10 @@ _BLOCK = 8  # prefix cache block, tokens (``_prefix``)
 #: A first token counts this many times a running row's next token when ``interrupt`` weighs
 #: stopping a decode step: the wait people notice most is the one before anything appears.
 _FIRST_TOKEN_WEIGHT = 4
+#: Decode rows attend to a prompt prefix they share once (``_attention.Shared``) when at least this
+#: many share at least this many tokens: below, the two-part attention costs more than it saves.
+_SHARED_MIN_ROWS = 12
+_SHARED_MIN_TOKENS = 128
 
 
 class HFBackend:
@@ -161,6 +165,7 @@ class HFBackend:
         self._generator.seed()  # from fresh entropy
         self.attention_calls = 0  # in the last step's forward call (the warm-up checks it)
         self._interrupt = threading.Event()  # set by ``interrupt``, cleared at each step's end
+        self.shared_prefix_steps = 0  # steps whose decode rows read a shared prefix once (tests)
 
     # -- the four verbs ---------------------------------------------------------------------
     def start(self) -> None:
@@ -480,7 +485,45 @@ class HFBackend:
         for a, skip in zip(admit, skips, strict=True):
             ids += a.prompt_ids[skip:]
             pos += range(skip, len(a.prompt_ids))
-        return plan_step(slab, n, [len(a.prompt_ids) for a in admit], skips, ids, pos, sources)
+        plan = plan_step(slab, n, [len(a.prompt_ids) for a in admit], skips, ids, pos, sources)
+        if n >= _SHARED_MIN_ROWS and self._graphs is None:
+            plan.shared = self._shared(n, plan.col)
+            self.shared_prefix_steps += plan.shared is not None
+        return plan
+
+    def _shared(self, n: int, col: int) -> Shared | None:
+        """The largest group of decode rows whose prompts start with the same
+        ``_SHARED_MIN_TOKENS`` or more tokens (a system prompt), if it has ``_SHARED_MIN_ROWS``."""
+        slab = self._slab
+        assert slab is not None
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, row in enumerate(self._rows[:n]):
+            if len(row.prompt) >= _SHARED_MIN_TOKENS:
+                groups.setdefault(row.prompt[:_SHARED_MIN_TOKENS], []).append(i)
+        members = max(groups.values(), key=len, default=[])
+        if len(members) < _SHARED_MIN_ROWS:
+            return None
+        length = common_prefix([self._rows[i].prompt for i in members])
+        starts = list(slab.first[:n])
+        for i in members:
+            starts[i] += length
+        rest = min(starts)
+        device = slab.device
+        columns = torch.arange(rest, col + 1, device=device)
+        own = columns >= torch.tensor(starts, device=device).unsqueeze(1)
+        allowed = slab.valid[:n, rest : col + 1] & own
+        mask = torch.zeros(allowed.shape, dtype=torch.float32, device=device)
+        mask.masked_fill_(~allowed, float("-inf"))
+        leader = members[0]
+        return Shared(
+            members=torch.tensor(members, device=device),
+            count=len(members),
+            leader=leader,
+            first=slab.first[leader],
+            length=length,
+            rest=rest,
+            mask=mask.view(n, 1, 1, -1),
+        )
 
     def _forward(self, plan: StepPlan) -> torch.Tensor:
         """Run the packed call of ``plan`` (see ``_plan``); the logits of each row's last token.
@@ -602,6 +645,16 @@ class HFBackend:
 
 
 # -- helpers ------------------------------------------------------------------------------------
+
+
+def common_prefix(seqs: Sequence[tuple[int, ...]]) -> int:
+    """How many leading tokens all of ``seqs`` share (the lexicographic least and greatest
+    bound every other one's agreement)."""
+    first, last = min(seqs), max(seqs)
+    for i, (a, b) in enumerate(zip(first, last, strict=False)):
+        if a != b:
+            return i
+    return min(len(first), len(last))
 
 
 def prefix_cache_tokens(setting: bool | int, default: int) -> int:

@@ -38,6 +38,7 @@ class Row:
     last: int = -1  # the token to feed next
     produced: int = 0
     matcher: Matcher | None = None  # the response_format's grammar state; None: free text
+    prompt: tuple[int, ...] = ()  # its prompt's token ids (rows sharing a prefix: ``_attention.Shared``)
 
     @classmethod
     def new(
@@ -60,7 +61,16 @@ class Row:
             )
         detok = Detokenizer(tokenizer, prompt_ids, special)
         stop = StopMatcher(params.stop)
-        return cls(seq_id, params, sampler, detok, stop, position=len(prompt_ids), matcher=matcher)
+        return cls(
+            seq_id,
+            params,
+            sampler,
+            detok,
+            stop,
+            position=len(prompt_ids),
+            matcher=matcher,
+            prompt=tuple(prompt_ids),
+        )
 
     def advance(self, token: int, eos: frozenset[int], max_context: int) -> SeqOutput:
         """Record ``token``; return its text delta and, if the sequence ends here, why."""
