@@ -144,23 +144,25 @@ class StepPlan:
         self, sh: Shared, query: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, scaling: float | None
     ) -> torch.Tensor:
         """Decode attention in two parts, merged: every row over its own columns, and the members
-        over the shared prefix in one batched product per key/value head. Scores, log-sum-exps
-        and the merge in float32; returns ``[1, n, heads, dim]``."""
+        over the shared prefix in one batched product per key/value head. All in float32 (a
+        half-precision slab's keys/values are widened: the own window and one prefix copy, small
+        beside the rows' copies not read); returns ``[1, n, heads, dim]``."""
         n, heads, dim = self.n, query.shape[1], query.shape[3]
         kv = kb.shape[1]
         g, scale = heads // kv, scaling if scaling is not None else dim**-0.5
-        q = query[0, :, :n].transpose(0, 1).reshape(n, kv, g, dim)  # query head h reads kv head h // g
-        own_k, own_v = kb[:n, :, sh.rest : self.stop], vb[:n, :, sh.rest : self.stop]
-        s = torch.matmul(q, own_k.transpose(-1, -2)).float().mul_(scale).add_(sh.mask)  # [n, kv, g, w]
+        q = query[0, :, :n].transpose(0, 1).reshape(n, kv, g, dim).float()  # head h reads kv h // g
+        own_k = kb[:n, :, sh.rest : self.stop].float()
+        own_v = vb[:n, :, sh.rest : self.stop].float()
+        s = torch.matmul(q, own_k.transpose(-1, -2)).mul_(scale).add_(sh.mask)  # [n, kv, g, w]
         lse = torch.logsumexp(s, -1, keepdim=True)
-        out = torch.matmul(s.sub_(lse).exp_().to(own_v.dtype), own_v).float()  # [n, kv, g, dim]
+        out = torch.matmul(s.sub_(lse).exp_(), own_v)  # [n, kv, g, dim]
         m = sh.count
         cols = slice(sh.first, sh.first + sh.length)
-        pre_k, pre_v = kb[sh.leader, :, cols], vb[sh.leader, :, cols]  # [kv, length, dim]
+        pre_k, pre_v = kb[sh.leader, :, cols].float(), vb[sh.leader, :, cols].float()  # [kv, length, dim]
         qm = q[sh.members].permute(1, 0, 2, 3).reshape(kv, m * g, dim)
-        s1 = torch.bmm(qm, pre_k.transpose(1, 2)).float().mul_(scale)  # [kv, m * g, length]
+        s1 = torch.bmm(qm, pre_k.transpose(1, 2)).mul_(scale)  # [kv, m * g, length]
         lse1 = torch.logsumexp(s1, -1, keepdim=True)
-        out1 = torch.bmm(s1.sub_(lse1).exp_().to(pre_v.dtype), pre_v).float()
+        out1 = torch.bmm(s1.sub_(lse1).exp_(), pre_v)
         out1 = out1.view(kv, m, g, dim).permute(1, 0, 2, 3)
         lse1 = lse1.view(kv, m, g, 1).permute(1, 0, 2, 3)
         lse2, out2 = lse[sh.members], out[sh.members]
