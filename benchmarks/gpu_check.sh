@@ -75,6 +75,6 @@ BENCH=(benchmarks/bench_hf.py --device $DEV --dtype $DTYPE --random-weights "${T
   --max-batch $BATCH --prompts $PROMPTS --out "$OUT")
 step bench $((150 * SLOW)) $PY "${BENCH[@]}" "${ONLY[@]}"
 [ -n "$GRAPHS" ] && step bench-graphs 100 $PY "${BENCH[@]}" --only-batcher $GRAPHS
-step equivalence-prefix $((45 * SLOW)) $PY benchmarks/gpu_equivalence.py --device $DEV --prompts $EQ --system 200 "${WEIGHTS[@]}"
+step equivalence-prefix $((45 * SLOW)) $PY benchmarks/gpu_equivalence.py --device $DEV --prompts $EQ --system 200 --cascade-min-rows 4 "${WEIGHTS[@]}"
 step out-of-memory 60 $PY benchmarks/gpu_faults.py "${WEIGHTS[@]}"
 exit 0

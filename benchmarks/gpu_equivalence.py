@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from batcher.adapters.hf import _backend as hf_backend
 from batcher.adapters.hf._backend import HFBackend
 from batcher.adapters.hf._load import embedded_model_dir
 
@@ -85,7 +86,15 @@ def main() -> int:
         "--prompts", type=int, default=18, help="the first N prompts of the schedule (CPU fallback)"
     )
     p.add_argument("--system", type=int, default=0, help="a shared system prompt of about N tokens")
+    p.add_argument(
+        "--cascade-min-rows",
+        type=int,
+        help="group decode rows sharing a prefix from this many on (default: the backend's 12; the "
+        "schedule rarely has 12 live at once, so a lower value checks cascade attention here)",
+    )
     args = p.parse_args()
+    if args.cascade_min_rows is not None:
+        hf_backend._SHARED_MIN_ROWS = args.cascade_min_rows
     model = args.model
     if args.random_weights:
         src = args.tokenizer or str(embedded_model_dir())
@@ -133,6 +142,7 @@ def main() -> int:
     extra = f", {graphs.captures} graphs captured, {graphs.replays} replays" if graphs else ""
     stats = backend.prefix_stats
     extra += f"; prefix cache: {stats.hit_tokens} of {stats.lookup_tokens} prompt tokens reused"
+    extra += f"; {backend.shared_prefix_steps} steps read a shared prefix once (cascade attention)"
     print(f"{same} of {len(seqs)} sequences equal their solo generate on {args.device}{extra}")
     backend.close()
     return 0 if same == len(seqs) else 1
