@@ -73,7 +73,6 @@ class Shared:
     merge by their log-sum-exp (cascade attention: docs/hf-backend.md, "Shared prefixes")."""
 
     members: torch.Tensor
-    count: int
     leader: int
     first: int
     length: int
@@ -156,7 +155,7 @@ class StepPlan:
         s = torch.matmul(q, own_k.transpose(-1, -2)).mul_(scale).add_(sh.mask)  # [n, kv, g, w]
         lse = torch.logsumexp(s, -1, keepdim=True)
         out = torch.matmul(s.sub_(lse).exp_(), own_v)  # [n, kv, g, dim]
-        m = sh.count
+        m = len(sh.members)
         cols = slice(sh.first, sh.first + sh.length)
         pre_k, pre_v = kb[sh.leader, :, cols].float(), vb[sh.leader, :, cols].float()  # [kv, length, dim]
         qm = q[sh.members].permute(1, 0, 2, 3).reshape(kv, m * g, dim)

@@ -428,7 +428,8 @@ class HFBackend:
 
     def _halter(self, rows: int) -> Callable[[int], bool]:
         """``StepPlan.halt`` for a decode step of ``rows`` rows (see :meth:`interrupt`)."""
-        event, layers = self._interrupt, self.model.config.get_text_config().num_hidden_layers
+        assert self._slab is not None
+        event, layers = self._interrupt, self._slab.layers
 
         def halt(layer: int) -> bool:
             return event.is_set() and (layers - layer) * _FIRST_TOKEN_WEIGHT > layer * rows
@@ -517,7 +518,6 @@ class HFBackend:
         leader = members[0]
         return Shared(
             members=torch.tensor(members, device=device),
-            count=len(members),
             leader=leader,
             first=slab.first[leader],
             length=length,
