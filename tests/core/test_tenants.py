@@ -5,9 +5,7 @@ metrics stay bounded whatever tenant names arrive. On the shipped FakeBackend.""
 from __future__ import annotations
 
 import asyncio
-import gc
 import statistics
-from collections.abc import Iterator
 
 import pytest
 
@@ -30,20 +28,7 @@ async def wait_until(cond, timeout: float = 20.0) -> None:  # type: ignore[no-un
             await asyncio.sleep(0.002)
 
 
-@pytest.fixture
-def frozen_heap() -> Iterator[None]:
-    """Move what earlier tests left on the heap out of the collector's reach for one timed test.
-    With three SmolLM2 backends loaded, one full collection takes ~0.25 s; such a pause is the
-    likeliest cause of two full-suite failures where A and B both came ~0.36 s late (A 0.79-0.81
-    s, B 0.43-0.46 s, against 0.42 and 0.08 s alone)."""
-    gc.collect()
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-
-
+@pytest.mark.timed
 @pytest.mark.usefixtures("frozen_heap")
 async def test_a_tenant_after_a_flood_of_another_finishes_in_a_quarter_of_its_time() -> None:
     fb = FakeBackend(step_time_s=0.002, step_time_per_seq_s=0.0001)
