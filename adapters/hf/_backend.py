@@ -60,6 +60,8 @@ _FIRST_TOKEN_WEIGHT = 4
 #: many share at least this many tokens: below, the two-part attention costs more than it saves.
 _SHARED_MIN_ROWS = 12
 _SHARED_MIN_TOKENS = 128
+# A cascade grouping (``HFBackend._group``): members, first own columns, leader, length, rest.
+_Group = tuple[torch.Tensor, torch.Tensor, int, int, int]
 
 
 class HFBackend:
@@ -166,6 +168,8 @@ class HFBackend:
         self.attention_calls = 0  # in the last step's forward call (the warm-up checks it)
         self._interrupt = threading.Event()  # set by ``interrupt``, cleared at each step's end
         self.shared_prefix_steps = 0  # steps whose decode rows read a shared prefix once (tests)
+        self._layout = 0  # bumped whenever the live rows change (``_shared`` regroups then)
+        self._grouping: tuple[tuple[int, int, int], _Group | None] | None = None
 
     # -- the four verbs ---------------------------------------------------------------------
     def start(self) -> None:
@@ -387,6 +391,7 @@ class HFBackend:
         self._rows += [
             Row.new(a.seq_id, a.prompt_ids, a.params, tok, special, self._matcher(a)) for a in admit
         ]
+        self._layout += bool(admit)
         penalties = self._penalties
         assert penalties is not None
         penalties.admit(n, [a.prompt_ids for a in admit], [a.params for a in admit])
@@ -494,7 +499,34 @@ class HFBackend:
 
     def _shared(self, n: int, col: int) -> Shared | None:
         """The largest group of decode rows whose prompts start with the same
-        ``_SHARED_MIN_TOKENS`` or more tokens (a system prompt), if it has ``_SHARED_MIN_ROWS``."""
+        ``_SHARED_MIN_TOKENS`` or more tokens (a system prompt), if it has ``_SHARED_MIN_ROWS``.
+        The grouping is redone only when the rows or the slab's layout changed; a step adds only
+        its mask (a few tensor ops, whatever the row count)."""
+        slab = self._slab
+        assert slab is not None
+        key = (self._layout, slab.relayouts, n)
+        if self._grouping is None or self._grouping[0] != key:
+            self._grouping = (key, self._group(n))
+        group = self._grouping[1]
+        if group is None:
+            return None
+        members, starts, leader, length, rest = group
+        columns = torch.arange(rest, col + 1, device=slab.device)
+        allowed = slab.valid[:n, rest : col + 1] & (columns >= starts.unsqueeze(1))
+        mask = torch.zeros(allowed.shape, dtype=torch.float32, device=slab.device)
+        mask.masked_fill_(~allowed, float("-inf"))
+        return Shared(
+            members=members,
+            leader=leader,
+            first=slab.first[leader],
+            length=length,
+            rest=rest,
+            mask=mask.view(n, 1, 1, -1),
+        )
+
+    def _group(self, n: int) -> _Group | None:
+        """For ``_shared``: the members, each decode row's first own column (past the shared
+        prefix for members), the leader, the shared length and the first column any row owns."""
         slab = self._slab
         assert slab is not None
         groups: dict[tuple[int, ...], list[int]] = {}
@@ -508,21 +540,13 @@ class HFBackend:
         starts = list(slab.first[:n])
         for i in members:
             starts[i] += length
-        rest = min(starts)
         device = slab.device
-        columns = torch.arange(rest, col + 1, device=device)
-        own = columns >= torch.tensor(starts, device=device).unsqueeze(1)
-        allowed = slab.valid[:n, rest : col + 1] & own
-        mask = torch.zeros(allowed.shape, dtype=torch.float32, device=device)
-        mask.masked_fill_(~allowed, float("-inf"))
-        leader = members[0]
-        return Shared(
-            members=torch.tensor(members, device=device),
-            leader=leader,
-            first=slab.first[leader],
-            length=length,
-            rest=rest,
-            mask=mask.view(n, 1, 1, -1),
+        return (
+            torch.tensor(members, device=device),
+            torch.tensor(starts, device=device),
+            members[0],
+            length,
+            min(starts),
         )
 
     def _forward(self, plan: StepPlan) -> torch.Tensor:
@@ -591,6 +615,7 @@ class HFBackend:
         idx = [i for i, r in enumerate(self._rows) if r.seq_id in seq_ids]
         if not idx:
             return
+        self._layout += 1
         if self._cache is not None:
             self._store_rows(idx)  # finished or cancelled turns: their tokens so far
             for i in idx:
@@ -607,6 +632,7 @@ class HFBackend:
 
     def _reset(self) -> None:
         self._rows.clear()
+        self._layout += 1
         self._asking = 0
         self._constrained = 0
         if self._penalties is not None:

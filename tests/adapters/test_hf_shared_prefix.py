@@ -7,6 +7,7 @@ take the plain path."""
 from __future__ import annotations
 
 import pytest
+import torch
 from batcher.adapters.hf import _backend as hf
 from batcher.adapters.hf._backend import HFBackend
 
@@ -36,12 +37,55 @@ def test_tiny_model_shared_prefix_rows_equal_the_plain_path_and_solo_generate(
     outsiders = [tiny.tokenize(f"Other {i}. " + system(20))[:150] for i in range(2)]  # not members
     prompts[4:4] = outsiders
     before = tiny.shared_prefix_steps
+    groupings: list[int] = []
+    group = HFBackend._group
+    monkeypatch.setattr(HFBackend, "_group", lambda self, n: groupings.append(n) or group(self, n))
     cascade, _ = run_schedule(tiny, staggered(prompts, 10))
-    assert tiny.shared_prefix_steps - before >= 5
+    cascade_steps = tiny.shared_prefix_steps - before
+    assert cascade_steps >= 5
+    # regrouped only when rows joined or left (waves, finishes), not at every step
+    assert 0 < len(groupings) < cascade_steps
     monkeypatch.setattr(hf, "_SHARED_MIN_ROWS", 10**9)
     plain, _ = run_schedule(tiny, staggered(prompts, 10))
     for i, p in enumerate(prompts):
         assert cascade[i].tokens == plain[i].tokens == solo_greedy(tiny, p, 10 - i % 3), i
+
+
+def test_rows_leaving_and_joining_under_the_shared_prefix_keep_their_tokens(
+    tiny: HFBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Churn while the cascade runs: at each of four steps one row leaves (swap-removed: the last
+    row moves into its slot) as one joins, so the decode rows change while their count stays. The
+    grouping ``_shared`` reuses between steps must be the one it would compute afresh (a stale one
+    moves a row's own columns by one: too small a change for the tiny model's tokens to show)."""
+    head = tiny.tokenize(system(24))[: MIN_TOKENS + 10]
+    prompts = [head + tiny.tokenize(f" question {i}?")[1:] for i in range(MIN_ROWS + 7)]
+    start = MIN_ROWS + 3
+    admits = {0: [NewSequence(i, p, greedy(14)) for i, p in enumerate(prompts[:start])]}
+    drops: dict[int, list[int]] = {}
+    for wave, i in enumerate(range(start, len(prompts))):
+        admits[2 + wave] = [NewSequence(i, prompts[i], greedy(14))]
+        drops[2 + wave] = [3 * wave]  # rows 0, 3, 6, 9 leave early
+    checked: list[int] = []
+    shared = HFBackend._shared
+
+    def checking(self: HFBackend, n: int, col: int) -> object:
+        out = shared(self, n, col)
+        assert self._grouping is not None
+        used, fresh = self._grouping[1], self._group(n)
+        assert used is not None and fresh is not None
+        assert all(torch.equal(a, b) for a, b in zip(used[:2], fresh[:2], strict=True))
+        assert used[2:] == fresh[2:]
+        checked.append(n)
+        return out
+
+    monkeypatch.setattr(HFBackend, "_shared", checking)
+    got, _ = run_schedule(tiny, admits, drops)
+    assert len(checked) >= 8 and checked.count(start - 1) >= 4  # the churn steps: same count
+    for i, p in enumerate(prompts):
+        want = solo_greedy(tiny, p, 14)
+        left = i in {3 * w for w in range(len(prompts) - start)}
+        assert got[i].tokens == (want[: len(got[i].tokens)] if left else want), i
 
 
 def test_rows_sharing_too_little_take_the_plain_path(tiny: HFBackend) -> None:
