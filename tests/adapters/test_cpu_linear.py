@@ -52,3 +52,48 @@ def test_pack_linears_replaces_every_linear_and_keeps_the_models_output() -> Non
         after = model(x)
     assert all(type(m) is not torch.nn.Linear for m in model.modules())
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+
+
+class _Attention(torch.nn.Module):
+    """The projections of a Llama attention block: three products of one input."""
+
+    def __init__(self, bias: bool) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.q_proj = torch.nn.Linear(96, 96, bias=bias)
+        self.k_proj = torch.nn.Linear(96, 32, bias=bias)
+        self.v_proj = torch.nn.Linear(96, 32, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("positions", [1, 3, SMALL, SMALL + 5])
+def test_fused_siblings_give_exactly_their_separate_products(bias: bool, positions: int) -> None:
+    block = _Attention(bias)
+    alone = [PackedLinear(m) for m in (block.q_proj, block.k_proj, block.v_proj)]
+    x = torch.randn(1, positions, 96)
+    with torch.no_grad():
+        want = [m(x) for m in alone]
+        assert pack_linears(block) == 3
+        assert isinstance(block.q_proj, PackedLinear) and block.q_proj.fused is not None
+        assert block.q_proj.fused is block.v_proj.fused and block.q_proj.packed is None  # no own copy
+        got = block(x)
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+    assert block.q_proj.fused.on and block.q_proj.fused.output is None  # let go after the last
+
+
+def test_siblings_called_otherwise_compute_alone_and_stay_right() -> None:
+    block = _Attention(bias=True)
+    reference = [PackedLinear(m) for m in (block.q_proj, block.k_proj, block.v_proj)]
+    pack_linears(block)
+    x, y = torch.randn(1, 4, 96), torch.randn(1, 4, 96)
+    with torch.no_grad():
+        k = block.k_proj(y)  # not after the leader, another input
+        q, v = block.q_proj(x), block.v_proj(x)
+        assert torch.equal(k, reference[1](y))
+        assert torch.equal(q, reference[0](x)) and torch.equal(v, reference[2](x))
+        assert isinstance(block.q_proj, PackedLinear) and block.q_proj.fused is not None
+        assert not block.q_proj.fused.on  # the group stopped fusing: it would compute for nothing
