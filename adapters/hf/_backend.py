@@ -142,6 +142,7 @@ class HFBackend:
         if self.prefix_cache_tokens:
             self._cache = PrefixCache(self.prefix_cache_tokens // _BLOCK, _BLOCK)
         self._tokens: dict[int, list[int]] = {}  # each live sequence's prompt + generated ids
+        self._unstored: set[int] = set()  # newcomers whose prompt blocks go to the cache next step
         self._eos = eos_ids(self.config, self.tokenizer, self._source, self._load_kw)
         self._special = frozenset(self.tokenizer.all_special_ids)
         self.allow_special_tokens = allow_special_tokens
@@ -373,6 +374,8 @@ class HFBackend:
     # -- step -------------------------------------------------------------------------------
     def _step(self, admit: Sequence[NewSequence], drop: Sequence[int]) -> StepResult:
         assert self._slab is not None
+        if self._unstored:
+            self._store_newcomers()
         if drop:
             self._remove({*drop})
         failed: dict[int, BaseException] = {}
@@ -401,9 +404,10 @@ class HFBackend:
             return StepResult([], failed, interrupted=True)
         slab.end = plan.col + 1
         slab.add_rows([len(a.prompt_ids) for a in admit])
-        if self._cache is not None:
+        if self._cache is not None:  # their blocks are stored at the next step's start: not
+            # on the way to their first token (~1.3 ms for a 400-token prompt in float32)
             self._tokens.update((a.seq_id, list(a.prompt_ids)) for a in admit)
-            self._store_rows(range(n, n + len(admit)))
+            self._unstored.update(a.seq_id for a in admit)
         for r in self._rows[:n]:
             r.position += 1
         self._asking += sum(a.params.logprobs is not None for a in admit)
@@ -610,8 +614,17 @@ class HFBackend:
                 slots += range(slot * block, slot * block + block)
         slab.store(src_rows, src_cols, slots)
 
+    def _store_newcomers(self) -> None:
+        """Store the prompt blocks of the last step's newcomers that are still live (``_remove``
+        stored those that ended)."""
+        rows = [i for i, r in enumerate(self._rows) if r.seq_id in self._unstored]
+        self._unstored.clear()
+        if rows:
+            self._store_rows(rows)
+
     def _remove(self, seq_ids: set[int]) -> None:
         assert self._slab is not None
+        self._unstored -= seq_ids  # stored below with the rest of their tokens
         idx = [i for i, r in enumerate(self._rows) if r.seq_id in seq_ids]
         if not idx:
             return
@@ -638,6 +651,7 @@ class HFBackend:
         if self._penalties is not None:
             self._penalties.moved((), 0, any_penalised=False)
         self._tokens.clear()
+        self._unstored.clear()
         if self._slab is not None:
             self._slab.free()
 

@@ -164,6 +164,26 @@ def test_turn_k_plus_1_reuses_turn_k_and_its_answer(tiny_small_cache: HFBackend)
         history = history + results[seq.seq_id].tokens + _prompt(rng, 3)
 
 
+def test_a_newcomers_blocks_are_stored_after_its_first_token_and_reused_in_the_next_step(
+    tiny_small_cache: HFBackend,
+) -> None:
+    """Storing a prompt's blocks is kept off the way to its first token: the step that admits it
+    returns first, the next step stores them (before planning its own newcomers, which reuse
+    them), and a sequence that ends at once is stored as it leaves."""
+    be, rng = tiny_small_cache, random.Random(8)
+    prompt = _prompt(rng, 40)
+    held = be.cached_tokens
+    first = be.step([NewSequence(300, prompt, greedy(5))], ())
+    assert first.outputs and be.cached_tokens == held  # not yet: its first token came first
+    twin = NewSequence(301, prompt[:32] + _prompt(rng, 4), greedy(5))
+    second = be.step([twin], ())
+    assert second.cached_tokens == 32  # the first's four blocks, stored as this step began
+    once = _prompt(rng, 17)
+    results, _ = run_schedule(be, {0: [NewSequence(302, once, greedy(1))]}, {0: [300, 301]})
+    assert results[302].finish == "length"
+    assert be._cache is not None and be._cache.peek(once) == 16  # stored as it left, in its step
+
+
 def test_prepare_hints_the_prefix_the_next_step_reuses(tiny_dir: Path) -> None:
     be = HFBackend(str(tiny_dir), dtype="float32", model_name="tiny", prefix_cache=256)
     be.start()
