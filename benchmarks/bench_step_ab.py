@@ -9,7 +9,8 @@ the two sides alternates. Prints the median of each kind of step, per side.
 
     .venv/bin/python benchmarks/bench_step_ab.py --setting fused-linears [--rows 3] [--steps 40]
 
-Settings: ``fused-linears`` (sibling projections share one packed product, ``_cpu_linear.Fused``).
+Settings: ``fused-linears`` (sibling projections share one packed product, ``_cpu_linear.Fused``),
+``prefix-slices`` (a cached prefix copied into its row as slices, ``_attention.prefix_runs``).
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
-from batcher.adapters.hf import _cpu_linear
+from batcher.adapters.hf import _attention, _cpu_linear
 from batcher.adapters.hf._backend import HFBackend
 
 from batcher.backend import NewSequence, PreparedPrompt, PrepareRequest, SamplingParams
@@ -44,7 +45,19 @@ def without_fused_linears() -> Iterator[None]:
         _cpu_linear.FUSED_NAMES = names
 
 
-SETTINGS: dict[str, Callable[[], AbstractContextManager[None]]] = {"fused-linears": without_fused_linears}
+@contextmanager
+def without_prefix_slices() -> Iterator[None]:
+    runs, _attention.MAX_PREFIX_RUNS = _attention.MAX_PREFIX_RUNS, 0
+    try:
+        yield
+    finally:
+        _attention.MAX_PREFIX_RUNS = runs
+
+
+SETTINGS: dict[str, Callable[[], AbstractContextManager[None]]] = {
+    "fused-linears": without_fused_linears,
+    "prefix-slices": without_prefix_slices,
+}
 
 
 def main() -> None:
@@ -55,9 +68,10 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     args = p.parse_args()
 
+    setting = SETTINGS[args.setting]  # held while the "off" side loads and while it steps
     on = HFBackend(dtype=args.dtype)
     on.start()
-    with SETTINGS[args.setting]():
+    with setting():
         off = HFBackend(dtype=args.dtype)
         off.start()
     count = args.rows + args.steps
@@ -69,20 +83,23 @@ def main() -> None:
         assert isinstance(prepared, PreparedPrompt), prepared
         prompts.append(list(prepared.token_ids))
     ids = iter(range(1, 10**9))
-    for b in (on, off):
+    for side, b in (("on", on), ("off", off)):
         for i in range(args.rows):
-            b.step([NewSequence(next(ids), prompts[i], params)], [])
+            with setting() if side == "off" else nullcontext():
+                b.step([NewSequence(next(ids), prompts[i], params)], [])
     times: dict[tuple[str, str], list[float]] = {(s, k): [] for s in ("on", "off") for k in ("new", "dec")}
     for k in range(args.steps):
         sides = [("on", on), ("off", off)]
         for side, b in sides if k % 2 else sides[::-1]:
             new = NewSequence(next(ids), prompts[args.rows + k], params)
-            t0 = time.perf_counter()
-            b.step([new], [])
-            t1 = time.perf_counter()
-            b.step([], [new.seq_id])
+            with setting() if side == "off" else nullcontext():
+                t0 = time.perf_counter()
+                b.step([new], [])
+                t1 = time.perf_counter()
+                b.step([], [new.seq_id])
+                t2 = time.perf_counter()
             times[(side, "new")].append(t1 - t0)
-            times[(side, "dec")].append(time.perf_counter() - t1)
+            times[(side, "dec")].append(t2 - t1)
     for kind, what in (("new", "newcomer step"), ("dec", "decode step")):
         a, b_ = (statistics.median(times[(side, kind)]) * 1e3 for side in ("on", "off"))
         print(
