@@ -236,11 +236,14 @@ async def run(args: argparse.Namespace) -> None:
 
 def products_ms(model: Any, dtype: torch.dtype, positions: int, rows: int, repeats: int = 7) -> float:
     """Median milliseconds of one pass over the model's linear layers as a step calls them:
-    ``[1, positions, features]`` through every layer, then ``[1, rows, hidden]`` through the
-    output head (logits for each row's last token only)."""
+    ``[1, positions, features]`` through every layer (one product for fused siblings), then
+    ``[1, rows, hidden]`` through the output head (logits for each row's last token only)."""
     head = model.get_output_embeddings()
     layers = [m for m in model.modules() if hasattr(m, "in_features") and m is not head]
-    inputs = [torch.randn(1, positions, m.in_features, dtype=dtype) for m in layers]
+    inputs: list[torch.Tensor] = []
+    for m in layers:  # fused siblings (``_cpu_linear.Fused``: q/k/v, gate/up) share their input
+        shared = getattr(m, "fused", None) is not None and getattr(m, "index", 0) > 0
+        inputs.append(inputs[-1] if shared else torch.randn(1, positions, m.in_features, dtype=dtype))
     last = torch.randn(1, rows, head.in_features, dtype=dtype)
     times = []
     with torch.inference_mode():
