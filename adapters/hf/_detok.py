@@ -10,10 +10,11 @@ scheme of TGI and vLLM). The concatenated deltas equal ``tokenizer.decode(genera
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["Detokenizer", "TokenBytes"]
+__all__ = ["Detokenizer", "TokenBytes", "decoder"]
 
 _CONTEXT = 6  # prompt tokens kept as context before the first generated one
 _MAX_HOLD = 8  # tokens an incomplete character may span before we emit it anyway (broken output)
@@ -22,10 +23,10 @@ _MAX_HOLD = 8  # tokens an incomplete character may span before we emit it anywa
 class Detokenizer:
     """Feed token ids one at a time; get the new text they complete."""
 
-    __slots__ = ("_ids", "_prefix", "_read", "_skip", "_tok")
+    __slots__ = ("_decode", "_ids", "_prefix", "_read", "_skip")
 
     def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], skip: frozenset[int]) -> None:
-        self._tok = tokenizer
+        self._decode = decoder(tokenizer)
         self._skip = skip
         ctx = [t for t in prompt_ids[-_CONTEXT:] if t not in skip]
         self._ids: list[int] = list(ctx)
@@ -54,8 +55,22 @@ class Detokenizer:
         self._prefix = self._read = len(self._ids)
         return text[len(prefix_text) :]
 
-    def _decode(self, ids: list[int]) -> str:
-        return str(self._tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+
+def decoder(tokenizer: Any) -> Callable[[list[int]], str]:
+    """``ids -> text`` without special tokens or clean-up. For a fast tokenizer whose decoding is
+    transformers' own, the Rust tokenizer's ``decode`` directly: what ``tokenizer.decode`` calls,
+    without its Python layers (1.1 instead of 3.4 us a call; a row decodes twice per token)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and type(tokenizer)._decode is _fast_decode():
+        return functools.partial(backend.decode, skip_special_tokens=True)
+    return functools.partial(tokenizer.decode, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+@functools.cache
+def _fast_decode() -> object:
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast._decode
 
 
 class TokenBytes:

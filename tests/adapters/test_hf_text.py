@@ -3,9 +3,13 @@ context limits (``prepare``)."""
 
 from __future__ import annotations
 
+import copy
+import random
+from functools import partial
+
 import pytest
 from batcher.adapters.hf._backend import HFBackend
-from batcher.adapters.hf._detok import Detokenizer
+from batcher.adapters.hf._detok import Detokenizer, decoder
 
 from batcher import InvalidRequest, PromptTooLong
 from batcher.backend import NewSequence, PreparedPrompt, PrepareRequest, SamplingParams
@@ -32,6 +36,29 @@ def test_deltas_never_split_a_character_or_lose_a_space(tiny: HFBackend, text: s
     assert all("\ufffd" not in d for d in deltas)
     assert "".join(deltas) == text
     assert any(len(ids) > len(d) for d in deltas)  # characters really spanned several tokens
+
+
+def test_the_direct_decoder_equals_the_tokenizers_decode(tiny: HFBackend) -> None:
+    """Rows decode through the Rust tokenizer directly (``_detok.decoder``): the same text as
+    ``tokenizer.decode`` on any ids, special ones and half characters included; a tokenizer class
+    that decodes its own way keeps its own ``decode``."""
+    tok, rng = tiny.tokenizer, random.Random(4)
+    fast = decoder(tok)
+    assert isinstance(fast, partial) and fast.func == tok.backend_tokenizer.decode
+    specials = sorted(tok.all_special_ids)
+    for _ in range(300):
+        ids = [rng.choice(specials) if rng.random() < 0.1 else rng.randrange(len(tok)) for _ in range(9)]
+        ids = ids[: rng.randrange(0, 10)]
+        assert fast(ids) == tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    class OwnDecode(type(tok)):  # type: ignore[misc]
+        def _decode(self, token_ids: object, **kw: object) -> str:
+            return "own"
+
+    other = copy.copy(tok)
+    other.__class__ = OwnDecode
+    assert other.backend_tokenizer is tok.backend_tokenizer
+    assert decoder(other)([1, 2]) == "own"
 
 
 def test_generated_text_equals_decoding_the_generated_tokens(tiny: HFBackend) -> None:
