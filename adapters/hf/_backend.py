@@ -484,12 +484,10 @@ class HFBackend:
         cache = self._cache
         hits = [cache.match(a.prompt_ids) if cache is not None else ([], 0) for a in admit]
         skips = [tokens for _, tokens in hits]
-        sources = [  # pool cells, token by token (a prefix may end inside its last block)
-            slot * _BLOCK + i
-            for slots, tokens in hits
-            for k, slot in enumerate(slots)
-            for i in range(min(_BLOCK, tokens - k * _BLOCK))
-        ]
+        sources: list[int] = []  # pool cells, token by token (a prefix may end inside its last block)
+        for slots, tokens in hits:
+            for k, slot in enumerate(slots):
+                sources += range(slot * _BLOCK, slot * _BLOCK + min(_BLOCK, tokens - k * _BLOCK))
         ids = [r.last for r in self._rows]
         pos = [r.position for r in self._rows]
         for a, skip in zip(admit, skips, strict=True):
