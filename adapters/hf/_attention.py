@@ -52,10 +52,10 @@ class NewRows:
     tokens from ``n`` on are theirs, token ``i`` going to padded query slot ``(slot_b[i],
     slot_t[i])`` of a ``[m, width_q]`` grid; they attend to the last ``width_k`` columns of the
     window under the additive ``mask`` ``[m, 1, width_q, width_k]`` (0 or -inf). ``prefix_cells``
-    (see :func:`cells`) get the prefix cache's pool slots ``prefix_src``; when those are a few
-    runs of consecutive slots, ``prefix_runs`` lists them instead, as ``(row, column, slot,
-    length)``, each one slice copy per layer (no gather into a temporary: 4x faster per layer for
-    a 400-token prefix on the CPU)."""
+    (see :func:`cells`) get the prefix cache's pool slots ``prefix_src``; when those are one run
+    of consecutive slots (``MAX_PREFIX_RUNS``), ``prefix_runs`` gives it instead, as ``(row,
+    column, slot, length)``, one slice copy per layer for keys and one for values (no gather into
+    a temporary: 4x faster per layer for a 400-token prefix on the CPU)."""
 
     row0: int
     m: int
@@ -253,8 +253,10 @@ def cells(rows: torch.Tensor, cols: torch.Tensor, heads: int, capacity: int) -> 
 
 
 #: At most this many runs of consecutive prefix slots are copied as slices per layer (two copies
-#: each); more (a fragmented pool, many newcomers) take one gather and two indexed writes.
-MAX_PREFIX_RUNS = 2
+#: each, ~10 aten ops with their views); more (a fragmented pool, several newcomers) take one gather
+#: and two indexed writes (~8 aten ops whatever their number), so a step's ops per layer do not
+#: grow with its newcomers. One run is the common case: a newcomer under a cached system prompt.
+MAX_PREFIX_RUNS = 1
 
 
 def prefix_runs(

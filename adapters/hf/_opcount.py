@@ -60,6 +60,7 @@ class StepOps:
     copies: float
     index_writes: float
     total: float
+    cached_tokens: int = 0  # prompt tokens the step took from a prefix cache
 
 
 class _Stepper(Protocol):
@@ -76,9 +77,11 @@ def wave_ops(
     *,
     vocab: int = 40_000,
     seed: int = 0,
+    head: Sequence[int] = (),
 ) -> list[StepOps]:
-    """Let ``waves`` of newcomers (random prompts of 4..40 tokens) join a running batch, a decode
-    step between waves, and count each step's ops per layer; every sequence is dropped at the end."""
+    """Let ``waves`` of newcomers (random prompts of 4..40 tokens, after ``head`` if given) join a
+    running batch, a decode step between waves, and count each step's ops per layer; every
+    sequence is dropped at the end."""
     rng = random.Random(seed)
     out: list[StepOps] = []
     next_id = 0
@@ -87,14 +90,14 @@ def wave_ops(
             new = [
                 NewSequence(
                     next_id + i,
-                    [rng.randrange(200, vocab) for _ in range(rng.randrange(4, 41))],
+                    [*head, *(rng.randrange(200, vocab) for _ in range(rng.randrange(4, 41)))],
                     SamplingParams(max_tokens=64),
                 )
                 for i in range(admit)
             ]
             next_id += admit
             with torch.inference_mode(), OpCounter() as ops:
-                backend.step(new, ())
+                result = backend.step(new, ())
             out.append(
                 StepOps(
                     admit,
@@ -103,6 +106,7 @@ def wave_ops(
                     ops.copies / layers,
                     ops.index_writes / layers,
                     sum(ops.counts.values()) / layers,
+                    result.cached_tokens,
                 )
             )
     backend.step((), range(next_id))

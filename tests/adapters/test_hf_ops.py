@@ -6,9 +6,13 @@ from __future__ import annotations
 from batcher.adapters.hf._backend import HFBackend
 from batcher.adapters.hf._opcount import wave_ops
 
+from batcher.backend import NewSequence, SamplingParams
+
 
 def test_ops_per_layer_per_step_do_not_grow_with_newcomers(tiny: HFBackend) -> None:
     layers = tiny.model.config.num_hidden_layers
+    assert tiny._cache is not None
+    tiny._cache.clear()  # no chance hits on earlier tests' blocks: every wave is cold alike
     steps = wave_ops(tiny, layers, (1, 7, 24, 64))
     assert [s.newcomers for s in steps] == [1, 0, 7, 0, 24, 0, 64, 0]
     assert [s.rows for s in steps] == [1, 1, 8, 8, 32, 32, 96, 96]
@@ -21,3 +25,16 @@ def test_ops_per_layer_per_step_do_not_grow_with_newcomers(tiny: HFBackend) -> N
     by_wave = {s.newcomers: s.total for s in steps if s.newcomers}
     assert by_wave[64] <= 1.1 * by_wave[7], f"aten ops per layer by newcomers: {by_wave}"
     assert tiny.live_sequences == 0 and tiny.kv_bytes == 0
+
+
+def test_ops_per_layer_do_not_grow_with_newcomers_that_hit_the_prefix_cache(tiny: HFBackend) -> None:
+    """Every newcomer reuses a cached 40-token head: one newcomer's prefix is copied as slices,
+    many newcomers' in one gather; either way a wave of 64 costs no more ops per layer than 7."""
+    layers = tiny.model.config.num_hidden_layers
+    head = [300 + i for i in range(40)]
+    tiny.step([NewSequence(10**6, [*head, 7], SamplingParams(max_tokens=1))], ())
+    steps = wave_ops(tiny, layers, (1, 7, 64), head=head)
+    assert all(s.cached_tokens >= 40 * s.newcomers for s in steps)
+    by_wave = {s.newcomers: s.total for s in steps if s.newcomers}
+    assert by_wave[64] <= 1.1 * by_wave[7], f"aten ops per layer by newcomers: {by_wave}"
+    assert by_wave[1] <= by_wave[7]
