@@ -9,8 +9,8 @@ the two sides alternates. Prints the median of each kind of step, per side.
 
     .venv/bin/python benchmarks/bench_step_ab.py --setting fused-linears [--rows 3] [--steps 40]
 
-Settings: ``fused-linears`` (sibling projections share one packed product, ``_cpu_linear.Fused``),
-``prefix-slices`` (a cached prefix copied into its row as slices, ``_attention.prefix_runs``).
+Settings: ``fused-linears`` (sibling projections share one packed product, ``_cpu_linear.Fused``).
+A setting read at each step is held while the "off" side steps, so it can be added here too.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
-from batcher.adapters.hf import _attention, _cpu_linear
+from batcher.adapters.hf import _cpu_linear
 from batcher.adapters.hf._backend import HFBackend
 
 from batcher.backend import NewSequence, PreparedPrompt, PrepareRequest, SamplingParams
@@ -45,18 +45,8 @@ def without_fused_linears() -> Iterator[None]:
         _cpu_linear.FUSED_NAMES = names
 
 
-@contextmanager
-def without_prefix_slices() -> Iterator[None]:
-    runs, _attention.MAX_PREFIX_RUNS = _attention.MAX_PREFIX_RUNS, 0
-    try:
-        yield
-    finally:
-        _attention.MAX_PREFIX_RUNS = runs
-
-
 SETTINGS: dict[str, Callable[[], AbstractContextManager[None]]] = {
     "fused-linears": without_fused_linears,
-    "prefix-slices": without_prefix_slices,
 }
 
 

@@ -34,7 +34,6 @@ __all__ = [
     "StepPlan",
     "cells",
     "plan_step",
-    "prefix_runs",
     "slab_attention",
 ]
 
@@ -52,10 +51,7 @@ class NewRows:
     tokens from ``n`` on are theirs, token ``i`` going to padded query slot ``(slot_b[i],
     slot_t[i])`` of a ``[m, width_q]`` grid; they attend to the last ``width_k`` columns of the
     window under the additive ``mask`` ``[m, 1, width_q, width_k]`` (0 or -inf). ``prefix_cells``
-    (see :func:`cells`) get the prefix cache's pool slots ``prefix_src``; when those are one run
-    of consecutive slots (``MAX_PREFIX_RUNS``), ``prefix_runs`` gives it instead, as ``(row,
-    column, slot, length)``, one slice copy per layer for keys and one for values (no gather into
-    a temporary: 4x faster per layer for a 400-token prefix on the CPU)."""
+    (see :func:`cells`) get the prefix cache's pool slots ``prefix_src``."""
 
     row0: int
     m: int
@@ -66,7 +62,6 @@ class NewRows:
     mask: torch.Tensor
     prefix_cells: torch.Tensor | None
     prefix_src: torch.Tensor | None
-    prefix_runs: list[tuple[int, int, int, int]] | None = None
 
 
 @dataclass(slots=True)
@@ -186,12 +181,7 @@ class StepPlan:
         layer: int,
         scaling: float | None,
     ) -> torch.Tensor:
-        if news.prefix_runs is not None:
-            pool = self.slab.pool[layer]
-            for row, col, slot, length in news.prefix_runs:
-                kb[row, :, col : col + length] = pool[0, :, slot : slot + length]
-                vb[row, :, col : col + length] = pool[1, :, slot : slot + length]
-        elif news.prefix_cells is not None:
+        if news.prefix_cells is not None:
             assert news.prefix_src is not None
             cached = self.slab.pool[layer].index_select(2, news.prefix_src)  # [2, kv_heads, cells, dim]
             dim = kb.shape[-1]
@@ -250,34 +240,6 @@ def cells(rows: torch.Tensor, cols: torch.Tensor, heads: int, capacity: int) -> 
     measured ~1 ms per call on the CPU, 100x a plain copy)."""
     h = torch.arange(heads, device=rows.device).unsqueeze(1)
     return ((rows.unsqueeze(0) * heads + h) * capacity + cols.unsqueeze(0)).reshape(-1)
-
-
-#: At most this many runs of consecutive prefix slots are copied as slices per layer (two copies
-#: each, ~10 aten ops with their views); more (a fragmented pool, several newcomers) take one gather
-#: and two indexed writes (~8 aten ops whatever their number), so a step's ops per layer do not
-#: grow with its newcomers. One run is the common case: a newcomer under a cached system prompt.
-MAX_PREFIX_RUNS = 1
-
-
-def prefix_runs(
-    n: int, firsts: Sequence[int], skips: Sequence[int], sources: Sequence[int]
-) -> list[tuple[int, int, int, int]] | None:
-    """The newcomers' cached prefixes as ``(slab row, first column, first pool slot, length)``
-    runs of consecutive slots, or None if there are more than ``MAX_PREFIX_RUNS``. Newcomer ``j``
-    (slab row ``n + j``, prompt from column ``firsts[j]``) reuses ``skips[j]`` tokens, from the
-    next ``skips[j]`` of ``sources``."""
-    runs: list[tuple[int, int, int, int]] = []
-    at = 0
-    for j, (first, k) in enumerate(zip(firsts, skips, strict=True)):
-        src, start = sources[at : at + k], 0
-        at += k
-        for t in range(1, k + 1):
-            if t == k or src[t] != src[t - 1] + 1:
-                runs.append((n + j, first + start, src[start], t - start))
-                if len(runs) > MAX_PREFIX_RUNS:
-                    return None
-                start = t
-    return runs
 
 
 def plan_step(
@@ -341,8 +303,6 @@ def plan_step(
         mask = torch.zeros(allowed.shape, dtype=slab.dtype, device=slab.device)
         mask.masked_fill_(~allowed, float("-inf"))
         reuse = bool(skip.any())
-        runs = prefix_runs(n, [col + 1 - t for t in lens], skips, sources) if reuse else None
-        indexed = reuse and runs is None
         news = NewRows(
             n,
             m,
@@ -351,9 +311,8 @@ def plan_step(
             slot_b,
             slot_t,
             mask.unsqueeze(1),
-            cells(pre_rows, pre_cols, heads, capacity) if indexed else None,
-            pre_src_d if indexed else None,
-            runs,
+            cells(pre_rows, pre_cols, heads, capacity) if reuse else None,
+            pre_src_d if reuse else None,
         )
     return StepPlan(
         slab,

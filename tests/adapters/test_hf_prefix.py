@@ -10,7 +10,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
-from batcher.adapters.hf import _attention as attention
 from batcher.adapters.hf._backend import HFBackend
 from batcher.adapters.hf._prefix import PrefixCache
 
@@ -183,37 +182,6 @@ def test_a_newcomers_blocks_are_stored_after_its_first_token_and_reused_in_the_n
     results, _ = run_schedule(be, {0: [NewSequence(302, once, greedy(1))]}, {0: [300, 301]})
     assert results[302].finish == "length"
     assert be._cache is not None and be._cache.peek(once) == 16  # stored as it left, in its step
-
-
-def test_prefixes_copied_as_slices_or_gathered_give_the_same_tokens(
-    tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A cached prefix in a few runs of consecutive pool slots is copied into its row as slices
-    (``_attention.prefix_runs``); with the slices turned off every copy is a gather, and every
-    sequence's tokens are the same, and its solo run's."""
-    rng = random.Random(9)
-    system = _prompt(rng, 44)
-    seqs = [NewSequence(400 + i, system + _prompt(rng, 3 + i), greedy(6)) for i in range(6)]
-    schedule = {0: seqs[:1], 2: seqs[1:2], 3: seqs[2:5], 5: seqs[5:]}
-    planned: list[object] = []
-    runs = attention.prefix_runs
-    monkeypatch.setattr(attention, "prefix_runs", lambda *a: planned.append(runs(*a)) or planned[-1])
-    outputs = []
-    for limit in (attention.MAX_PREFIX_RUNS, 0):
-        monkeypatch.setattr(attention, "MAX_PREFIX_RUNS", limit)
-        be = HFBackend(str(tiny_dir), dtype="float32", model_name="tiny", prefix_cache=512)
-        be.start()
-        try:
-            results, steps = run_schedule(be, schedule)
-            solo = [solo_greedy(be, s.prompt_ids, 6) for s in seqs]
-        finally:
-            be.close()
-        assert sum(s.cached_tokens for s in steps) >= 5 * 40
-        outputs.append([results[s.seq_id].tokens for s in seqs])
-        sliced = [r for r in planned if r is not None]
-        assert sliced if limit else not sliced
-        planned.clear()
-    assert outputs[0] == outputs[1] == solo
 
 
 def test_prepare_hints_the_prefix_the_next_step_reuses(tiny_dir: Path) -> None:
