@@ -27,10 +27,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture
 def frozen_heap() -> Iterator[None]:
     """Move what earlier tests left on the heap out of the collector's reach for one timed test.
-    Late in the suite, with SmolLM2 backends loaded, one full collection takes ~0.25 s; such a
-    pause in the measuring process is the likeliest cause of full-suite-only failures of timed
-    tests (the tenant flood: A and B both ~0.36 s late; the huge-prompt flood: x1.25 against
-    x0.99-1.08 when run alone)."""
+    Late in the suite, with SmolLM2 backends loaded, one full collection takes ~0.25 s: the
+    likeliest cause of the tenant flood's full-suite failures (A and B both ~0.36 s late). It did
+    not cure the huge-prompt flood's (every sample later, not one pause), hence ``timed`` above."""
     gc.collect()
     gc.freeze()
     try:
