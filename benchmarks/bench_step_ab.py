@@ -5,7 +5,9 @@ processes on the 2-core CI machine) falls on both alike.
 Each side first admits ``--rows`` prompts (the ``bench_prefix`` workload: a ~400-token system
 prompt, then a short question), then repeats: admit one more prompt (a *newcomer step*: its
 uncached suffix prefilled beside the decode rows), then drop it in a *decode step*. The order of
-the two sides alternates. Prints the median of each kind of step, per side.
+the two sides alternates. Prints the median of each kind of step, per side. Differences under
+~4 % are noise on the 2-core machine: a change that could not touch decode steps moved them by
++0.7 to +3.6 % in five runs (the side loaded first was the slower one).
 
     .venv/bin/python benchmarks/bench_step_ab.py --setting fused-linears [--rows 3] [--steps 40]
 
