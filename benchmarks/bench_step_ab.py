@@ -7,7 +7,7 @@ prompt, then a short question), then repeats: admit one more prompt (a *newcomer
 uncached suffix prefilled beside the decode rows), then drop it in a *decode step*. The order of
 the two sides alternates. Prints the median of each kind of step, per side. Differences under
 ~4 % are noise on the 2-core machine: a change that could not touch decode steps moved them by
-+0.7 to +3.6 % in five runs (the side loaded first was the slower one).
+-2.1 to +4.3 % in six runs.
 
     .venv/bin/python benchmarks/bench_step_ab.py --setting fused-linears [--rows 3] [--steps 40]
 
