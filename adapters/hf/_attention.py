@@ -83,10 +83,9 @@ class Shared:
 @dataclass(slots=True)
 class StepPlan:
     """Where the tokens of one packed call go. Decode rows ``0 .. n-1`` are the call's first ``n``
-    tokens; they attend to columns ``start .. stop-1`` under the additive ``decode_mask`` ``[n, 1,
-    1, w]`` (0 or -inf). The call's keys/values go to the slab ``cells`` (see :func:`cells`); every
-    prompt ends at ``col``. ``ids``/``positions`` are the call's inputs, ``keep`` the index of each
-    row's last token."""
+    tokens; they attend to columns ``start .. stop-1`` under ``decode_mask`` ``[n, 1, 1, w]``. The
+    call's keys/values go to the slab ``cells`` (see :func:`cells`); every prompt ends at ``col``.
+    ``ids``/``positions`` are the call's inputs, ``keep`` the index of each row's last token."""
 
     slab: KVSlab
     n: int
@@ -285,10 +284,8 @@ def plan_step(
     (tok, pos, rows, cols, keep, slot_b, slot_t, first_d, q_d, pre_rows, pre_cols, pre_src_d) = split
     heads, capacity = slab.kv_heads, slab.col_capacity
     decode_mask = None
-    if n:  # additive, once per step (as the newcomers' below): SDPA would convert in every layer
-        valid = slab.valid[:n, slab.start : col + 1].reshape(n, 1, 1, -1)
-        decode_mask = torch.zeros(valid.shape, dtype=slab.dtype, device=slab.device)
-        decode_mask.masked_fill_(~valid, float("-inf"))
+    if n:
+        decode_mask = slab.valid[:n, slab.start : col + 1].reshape(n, 1, 1, -1)
     news = None
     if m:
         width_k = int(total.max())

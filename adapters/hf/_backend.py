@@ -170,7 +170,7 @@ class HFBackend:
         self._interrupt = threading.Event()  # set by ``interrupt``, cleared at each step's end
         self.shared_prefix_steps = 0  # steps whose decode rows read a shared prefix once (tests)
         self._layout = 0  # bumped whenever the live rows change (``_shared`` regroups then)
-        self._grouping: tuple[tuple[int, int, int], _Group | None] | None = None
+        self._grouping: tuple[tuple[int, int], _Group | None] | None = None
 
     # -- the four verbs ---------------------------------------------------------------------
     def start(self) -> None:
@@ -506,7 +506,7 @@ class HFBackend:
         its mask (a few tensor ops, whatever the row count)."""
         slab = self._slab
         assert slab is not None
-        key = (self._layout, slab.relayouts, n)
+        key = (self._layout, slab.relayouts)  # rows admitted or removed, or the slab relaid out
         if self._grouping is None or self._grouping[0] != key:
             self._grouping = (key, self._group(n))
         group = self._grouping[1]
